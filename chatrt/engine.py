@@ -1,0 +1,194 @@
+"""Prefill on a KV, the decode loop, sampling, stop conditions and streamed text; knows nothing of sessions.
+
+A Generation is iterated for text pieces; when iteration ends (finished, stopped or abandoned) its KV,
+ids and timings describe exactly what was computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from chatrt.kv import KV
+from chatrt.model import LoadedModel
+
+FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
+
+
+class SamplingParams(BaseModel):
+    """Per-turn options; unknown keywords are errors, not silent defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@torch.inference_mode()
+def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
+    """Run `ids` after the tokens of `kv`; return the logits of the last position ([V]) and the grown cache."""
+    assert ids, "prefill needs at least one new token"
+    cache = kv.as_cache() if kv is not None else DynamicCache()
+    x = torch.tensor([ids], device=lm.device)  # [1, S]
+    out = lm.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), cache
+
+
+@torch.inference_mode()
+def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tensor:
+    """Feed one token; return the next logits ([V])."""
+    x = torch.tensor([[token]], device=lm.device)  # [1, 1]
+    return lm.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else temperature / top-k / top-p sampling. logits: [V]."""
+    if p.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > p.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns generated ids into text deltas that never split a character, and applies stop strings.
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""  # all complete text decoded so far (stop string cut away once found)
+        self.emitted = 0  # characters of self.text handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = self._decode(self.ids)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        self.text = full
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The held-back rest, once no more tokens will come."""
+        if not self.stopped:
+            self.text = self._decode(self.ids)
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        if self.stop and not self.stopped:
+            # Search from where a stop string could begin that was not complete at the last push.
+            start = max(0, self.emitted - max(map(len, self.stop)))
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) != -1]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._partial_stop_len()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class Generation:
+    """One reply: iterate for text pieces. Afterwards `kv` holds exactly `kv.ids` (prompt + every generated
+    token fed back), also when the consumer stopped iterating early."""
+
+    lm: LoadedModel
+    kv: KV | None
+    new_ids: list[int]
+    params: SamplingParams
+    started: float = field(default_factory=time.perf_counter)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason = "cancelled"
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    def __iter__(self) -> Iterator[str]:
+        p, lm = self.params, self.lm
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=lm.device).manual_seed(p.seed)
+        stream = TextStream(lm.tokenizer, p.stop)
+        fed = [*(self.kv.ids if self.kv is not None else ()), *self.new_ids]
+        t0 = time.perf_counter()
+        logits, cache = prefill(lm, self.kv, self.new_ids)
+        self.prefill_s = time.perf_counter() - t0
+        try:
+            while True:
+                token = sample(logits, p, generator)
+                if not self.token_ids:
+                    self.ttft_s = time.perf_counter() - self.started
+                if token in lm.stop_ids:
+                    self.finish_reason = "stop"
+                    break
+                self.token_ids.append(token)
+                if piece := stream.push(token):
+                    yield piece
+                if stream.stopped:
+                    self.finish_reason = "stop_string"
+                    break
+                if len(self.token_ids) >= p.max_new_tokens:
+                    self.finish_reason = "length"
+                    break
+                logits = decode_step(lm, cache, token)
+                fed.append(token)
+                self.decode_steps += 1
+            if piece := stream.finish():
+                yield piece
+        finally:
+            # Runs on normal end, on an exception and when the consumer abandons the stream (GeneratorExit):
+            # the cache then holds exactly `fed`, whatever was generated after it is not cached.
+            self.decode_s = time.perf_counter() - t0 - self.prefill_s
+            self.text = stream.text[: stream.emitted] if self.finish_reason == "cancelled" else stream.text
+            # A step that failed half-way leaves layers of different lengths: such a cache is not kept.
+            whole = all(layer.keys.shape[-2] == len(fed) for layer in cache.layers)
+            self.kv = KV.from_cache(cache, tuple(fed)) if whole else None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def compute_kv(lm: LoadedModel, ids: tuple[int, ...]) -> KV:
+    """The KV of `ids` from scratch (a shared prefix)."""
+    _, cache = prefill(lm, None, list(ids))
+    return KV.from_cache(cache, ids)

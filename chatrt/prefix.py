@@ -1,0 +1,117 @@
+"""PrefixStore: system-prompt prefixes keyed by a sha256 of their token ids, computed once, shared, refcounted.
+
+Unreferenced entries are evicted least recently used first when the store is over its entry or byte limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chatrt.kv import KV
+
+
+def prefix_hash(fingerprint: str, ids: tuple[int, ...]) -> str:
+    """Stable across processes (unlike Python's hash): model fingerprint + the ids as int32 bytes."""
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(array("i", ids).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    key: str
+    ids: tuple[int, ...]
+    kv: KV | None = None
+    refs: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per entry
+
+
+@dataclass
+class PrefixCounters:
+    hits: int = 0  # a turn reused a computed prefix
+    misses: int = 0  # a turn had to compute it
+    evictions: int = 0
+
+
+class PrefixStore:
+    def __init__(self, fingerprint: str, *, max_entries: int, max_bytes: int) -> None:
+        self.fingerprint = fingerprint
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()  # LRU order, oldest first
+        self._lock = threading.Lock()
+        self.counters = PrefixCounters()
+
+    def acquire(self, ids: tuple[int, ...]) -> PrefixEntry:
+        """The entry for `ids`, created empty if new; it is pinned (never evicted) until released."""
+        key = prefix_hash(self.fingerprint, ids)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.ids != ids:  # the ids are compared too: a hash collision never serves wrong KV
+                entry = PrefixEntry(key, ids)
+                self._entries[key] = entry
+            entry.refs += 1
+            self._touch(entry)
+            return entry
+
+    def release(self, entry: PrefixEntry) -> None:
+        with self._lock:
+            assert entry.refs > 0, "release without acquire"
+            entry.refs -= 1
+            self._evict()
+
+    def kv(self, entry: PrefixEntry, compute: Callable[[tuple[int, ...]], KV]) -> tuple[KV, bool]:
+        """The entry's KV, computing it with `compute(ids)` the first time; returns (kv, was_hit).
+
+        Side effects: may run `compute` (a prefill) and then evict unreferenced entries over the limits.
+        """
+        with entry.lock:
+            hit = entry.kv is not None
+            if not hit:
+                entry.kv = compute(entry.ids)
+                assert entry.kv.ids == entry.ids
+        with self._lock:
+            self._touch(entry)
+            if hit:
+                self.counters.hits += 1
+            else:
+                self.counters.misses += 1
+            self._evict()
+        return entry.kv, hit
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.kv.nbytes for e in self._entries.values() if e.kv is not None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(e.kv is not None for e in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _touch(self, entry: PrefixEntry) -> None:
+        entry.last_used = time.monotonic()
+        if self._entries.get(entry.key) is entry:
+            self._entries.move_to_end(entry.key)
+
+    def _evict(self) -> None:
+        """Drop unreferenced entries, oldest first, while over a limit. Caller holds self._lock."""
+        def over() -> bool:
+            live = [e for e in self._entries.values() if e.kv is not None]
+            return len(live) > self.max_entries or sum(e.kv.nbytes for e in live) > self.max_bytes  # type: ignore[union-attr]
+
+        for key in list(self._entries):
+            entry = self._entries[key]
+            if entry.refs == 0 and (entry.kv is None or over()):
+                del self._entries[key]
+                if entry.kv is not None:
+                    self.counters.evictions += 1

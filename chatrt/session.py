@@ -1,0 +1,251 @@
+"""Session: one conversation's transcript, its KV and the turn flow (reuse, prefill, decode, record).
+
+The transcript is the source of truth; the KV is a cache of it that any turn may crop, replace or drop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from chatrt.engine import Generation, SamplingParams, compute_kv
+from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage, SessionClosed
+from chatrt.kv import KV, common_prefix_len
+from chatrt.prefix import PrefixEntry
+from chatrt.stats import SessionStats, TokenTotals, TurnStats
+from chatrt.template import Message
+
+if TYPE_CHECKING:
+    from chatrt.runtime import ChatRuntime
+
+# A turn's plan: from the current history, the history to keep and the user message to answer.
+Plan = Callable[[list[Message]], tuple[list[Message], Message]]
+
+
+class Reply(BaseModel):
+    text: str
+    token_ids: tuple[int, ...]
+    """The ids the model generated for this reply (the end-of-turn token excluded)."""
+    stats: TurnStats
+
+
+class Session:
+    def __init__(self, rt: ChatRuntime, session_id: str, system_prompt: str | None) -> None:
+        self.rt = rt
+        self.id = session_id
+        self.system_prompt = system_prompt
+        self.messages: list[Message] = []  # user/assistant turns; the system prompt is kept apart
+        self.kv: KV | None = None
+        self.last_turn: TurnStats | None = None
+        self.totals = TokenTotals()
+        self.closed = False
+        self._lock = threading.Lock()
+        self._prefix: PrefixEntry | None = None
+        self._last_ids: tuple[int, ...] = ()
+        if rt.config.prefix.enabled:
+            self._prefix = rt.prefixes.acquire(rt.template.prefix_ids(system_prompt))
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def transcript(self) -> list[Message]:
+        return self._head() + self.messages
+
+    def send(self, text: str, **options: Any) -> Reply:
+        """Send a user message and return the whole reply."""
+        return self._complete(self.stream(text, **options))
+
+    def stream(self, text: str, **options: Any) -> Iterator[str]:
+        """Send a user message and yield the reply's text as it is generated. The turn is recorded when the
+        iteration ends; stopping early keeps the text streamed so far as the reply (finish_reason 'cancelled')."""
+        user = self._user_message(text)
+        return self._turn(lambda history: (history, user), self._params(options))
+
+    def regenerate(self, **options: Any) -> Reply:
+        """Replace the last reply with a new one for the same user message."""
+        return self._complete(self.stream_regenerate(**options))
+
+    def stream_regenerate(self, **options: Any) -> Iterator[str]:
+        self._before_last_turn(self.messages)
+        return self._turn(lambda history: (self._before_last_turn(history), history[-2]), self._params(options))
+
+    def edit(self, text: str, **options: Any) -> Reply:
+        """Replace the last user message (and its reply) and answer the new one."""
+        return self._complete(self.stream_edit(text, **options))
+
+    def stream_edit(self, text: str, **options: Any) -> Iterator[str]:
+        user = self._user_message(text)
+        self._before_last_turn(self.messages)
+        return self._turn(lambda history: (self._before_last_turn(history), user), self._params(options))
+
+    def stats(self) -> SessionStats:
+        kv = self.kv
+        return SessionStats(
+            session_id=self.id,
+            kv_tokens=len(kv) if kv else 0,
+            kv_bytes=kv.nbytes if kv else 0,
+            **self.totals.model_dump(exclude={"reused_tokens", "hit_rate"}),
+        )
+
+    def close(self) -> None:
+        """Free this session's KV and its hold on the shared prefix; waits for a running turn to end."""
+        with self._lock:
+            if self.closed:
+                return
+            self._release()
+        self.rt._forget(self)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, turns={len(self.messages) // 2}, kv_tokens={len(self.kv) if self.kv else 0})"
+
+    # -- the turn ---------------------------------------------------------------------------------
+
+    def _turn(self, plan: Plan, params: SamplingParams) -> Iterator[str]:
+        self._check_open()
+
+        def run() -> Iterator[str]:
+            with self._busy():
+                started = time.perf_counter()
+                history, user = plan(list(self.messages))
+                prompt = self.rt.template.render([*self._head(), *history, user])
+                self._check_context(prompt, params)
+                kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt)
+                gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
+                pieces = iter(gen)
+                try:
+                    yield from pieces
+                except GeneratorExit:
+                    self._record(gen, history, user, prompt, reused_session, reused_prefix, prefix_s)
+                    raise
+                except BaseException:
+                    self.kv = gen.kv if self.rt.config.session.reuse else None
+                    raise
+                self._record(gen, history, user, prompt, reused_session, reused_prefix, prefix_s)
+
+        return run()
+
+    def _reuse(self, prompt: list[int]) -> tuple[KV | None, int, int, float]:
+        """The longest cached start of `prompt`: the session's own KV, else the shared prefix.
+
+        Returns (kv, reused session tokens, reused prefix tokens, seconds spent computing a missing prefix).
+        At least one prompt token is always left to prefill: its logits give the first reply token.
+        """
+        limit = len(prompt) - 1
+        kv, own = None, 0
+        if self.kv is not None:
+            own = min(common_prefix_len(self.kv.ids, prompt), limit)
+            kv = self.kv.crop(own) if own else None
+        self.kv = None  # the turn's result replaces it
+        entry = self._prefix
+        if entry is None or not own < len(entry.ids) <= limit or tuple(prompt[: len(entry.ids)]) != entry.ids:
+            return kv, own, 0, 0.0
+        t0 = time.perf_counter()
+        prefix_kv, hit = self.rt.prefixes.kv(entry, lambda ids: compute_kv(self.rt.lm, ids))
+        prefix_kv = prefix_kv.to(self.rt.lm.device)
+        if hit:
+            return prefix_kv, 0, len(entry.ids), 0.0
+        return prefix_kv, 0, 0, time.perf_counter() - t0
+
+    def _record(
+        self,
+        gen: Generation,
+        history: list[Message],
+        user: Message,
+        prompt: list[int],
+        reused_session: int,
+        reused_prefix: int,
+        prefix_s: float,
+    ) -> None:
+        tokenizer = self.rt.lm.tokenizer
+        ids = tuple(gen.token_ids)
+        # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
+        exact = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == gen.text
+        reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
+        self.messages = [*history, user, reply]
+        self._last_ids = ids
+        self.kv = gen.kv if self.rt.config.session.reuse else None
+        stats = TurnStats(
+            prompt_tokens=len(prompt),
+            reused_session_tokens=reused_session,
+            reused_prefix_tokens=reused_prefix,
+            prefilled_tokens=len(prompt) - reused_session - reused_prefix,
+            generated_tokens=len(ids),
+            ttft_s=gen.ttft_s,
+            prefill_s=gen.prefill_s + prefix_s,
+            decode_s=gen.decode_s,
+            decode_tokens_per_s=gen.decode_tokens_per_s,
+            finish_reason=gen.finish_reason,
+        )
+        self.last_turn = stats
+        self.totals.add(stats)
+        self.rt.recorder.record(stats)
+
+    # -- checks and helpers -------------------------------------------------------------------------
+
+    def _complete(self, pieces: Iterator[str]) -> Reply:
+        for _ in pieces:
+            pass
+        assert self.last_turn is not None
+        reply = self.messages[-1]
+        return Reply(text=reply.content, token_ids=self._last_ids, stats=self.last_turn)
+
+    def _params(self, options: dict[str, Any]) -> SamplingParams:
+        defaults = self.rt.config.generation.model_dump()
+        try:
+            return SamplingParams.model_validate({**defaults, **options})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"invalid generation option: {problems}") from None
+
+    def _user_message(self, text: str) -> Message:
+        if not isinstance(text, str):
+            raise InvalidMessage(f"a message must be text, not {type(text).__name__}")
+        if not text.strip():
+            raise InvalidMessage("the message is empty; type something to send")
+        return Message(role="user", content=text)
+
+    def _head(self) -> list[Message]:
+        return [Message(role="system", content=self.system_prompt)] if self.system_prompt is not None else []
+
+    @staticmethod
+    def _before_last_turn(history: list[Message]) -> list[Message]:
+        if len(history) < 2 or history[-1].role != "assistant":
+            raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
+        return history[:-2]
+
+    def _check_context(self, prompt: list[int], params: SamplingParams) -> None:
+        limit = self.rt.lm.info.max_context
+        if len(prompt) + params.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, "
+                f"more than the model's context of {limit}; start a new session or ask for fewer new tokens"
+            )
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed(f"session {self.id} is closed; open a new session")
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        with self._lock:
+            self._check_open()
+            yield
+
+    def _release(self) -> None:
+        """Drop the KV and the prefix hold. Caller holds self._lock."""
+        self.closed = True
+        self.kv = None
+        if self._prefix is not None:
+            self.rt.prefixes.release(self._prefix)
+            self._prefix = None

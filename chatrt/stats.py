@@ -1,0 +1,100 @@
+"""Counters and the TurnStats / SessionStats / RuntimeStats models operators and bots read.
+
+Reuse is counted token by token: prompt = reused (session + prefix) + prefilled, in every turn.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from pydantic import BaseModel, computed_field
+
+
+class TurnStats(BaseModel):
+    prompt_tokens: int
+    reused_session_tokens: int
+    reused_prefix_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    """From the call to the first generated token, every lookup and prefill included."""
+    prefill_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+    finish_reason: str
+
+    @computed_field
+    @property
+    def reused_tokens(self) -> int:
+        return self.reused_session_tokens + self.reused_prefix_tokens
+
+    @computed_field
+    @property
+    def hit_rate(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class TokenTotals(BaseModel):
+    turns: int = 0
+    prompt_tokens: int = 0
+    reused_session_tokens: int = 0
+    reused_prefix_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+
+    @computed_field
+    @property
+    def reused_tokens(self) -> int:
+        return self.reused_session_tokens + self.reused_prefix_tokens
+
+    @computed_field
+    @property
+    def hit_rate(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def add(self, t: TurnStats) -> None:
+        self.turns += 1
+        self.prompt_tokens += t.prompt_tokens
+        self.reused_session_tokens += t.reused_session_tokens
+        self.reused_prefix_tokens += t.reused_prefix_tokens
+        self.prefilled_tokens += t.prefilled_tokens
+        self.generated_tokens += t.generated_tokens
+
+
+class SessionStats(TokenTotals):
+    session_id: str
+    kv_tokens: int
+    kv_bytes: int
+
+
+class RuntimeStats(TokenTotals):
+    sessions_open: int
+    sessions_closed: int
+    kv_bytes: int
+    """Bytes of all session caches (a tensor shared by several sessions counted once)."""
+    prefix_entries: int
+    prefix_bytes: int
+    prefix_hits: int
+    prefix_misses: int
+    prefix_evictions: int
+
+
+class Recorder:
+    """Runtime-wide totals, safe to update from many threads."""
+
+    def __init__(self) -> None:
+        self.totals = TokenTotals()
+        self.sessions_closed = 0
+        self._lock = threading.Lock()
+
+    def record(self, t: TurnStats) -> None:
+        with self._lock:
+            self.totals.add(t)
+
+    def closed(self) -> None:
+        with self._lock:
+            self.sessions_closed += 1
+
+    def snapshot(self) -> tuple[TokenTotals, int]:
+        with self._lock:
+            return self.totals.model_copy(), self.sessions_closed

@@ -1,0 +1,82 @@
+"""Rendering transcripts to prompt token ids with the model's chat template, safely.
+
+Message text is tokenized as text (never as control tokens); the template's own markup keeps its control tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedTokenizerBase
+
+from chatrt.errors import TemplateError
+from chatrt.kv import common_prefix_len
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(BaseModel):
+    """One transcript entry. An assistant message keeps the ids the model generated, so the next prompt
+    holds exactly the tokens whose KV is cached (re-tokenizing a reply does not always give them back)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+    token_ids: tuple[int, ...] | None = None
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not tokenizer.chat_template:
+            raise TemplateError("the tokenizer has no chat template; chatrt needs one to render transcripts")
+        self.tokenizer = tokenizer
+        # A random tag, so no template literal and no message can be mistaken for a placeholder.
+        self._tag = f"chatrt{secrets.token_hex(6)}"
+        self._placeholder = re.compile(rf"<{self._tag}:(\d+)>")
+        self.prefix_ids = lru_cache(maxsize=256)(self._prefix_ids)
+
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the prompt: the template's markup with its control tokens, each message's text as text."""
+        # Each message's content is replaced by a placeholder; the template text between placeholders is
+        # tokenized with special tokens recognised and each content piece with them split into plain text.
+        chat = [{"role": m.role, "content": f"<{self._tag}:{i}>"} for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # jinja raises its own errors for role order etc.
+            raise TemplateError(f"the chat template rejected this transcript: {e}") from e
+        pieces = self._placeholder.split(text)
+        order = [int(i) for i in pieces[1::2]]
+        if order != list(range(len(messages))):
+            raise TemplateError("the chat template drops, repeats or reorders message content; chatrt cannot render it")
+        ids: list[int] = []
+        for i, markup in enumerate(pieces[0::2]):
+            ids += self._encode(markup, split_special=False)
+            if i < len(messages):
+                m = messages[i]
+                ids += list(m.token_ids) if m.token_ids is not None else self._encode(m.content, split_special=True)
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: control-token strings in it stay text."""
+        return self._encode(text, split_special=True)
+
+    def _encode(self, text: str, *, split_special: bool) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special).input_ids
+
+    def _prefix_ids(self, system_prompt: str | None) -> tuple[int, ...]:
+        """Ids every conversation that opens with this system prompt starts with (the template's default
+        system prompt when None): the common part of two renders that differ only in the first user message."""
+        head = [Message(role="system", content=system_prompt)] if system_prompt is not None else []
+        a = self.render([*head, Message(role="user", content="a")])
+        b = self.render([*head, Message(role="user", content="b")])
+        return tuple(a[: common_prefix_len(a, b)])
+

@@ -1,0 +1,80 @@
+"""Shared fixtures: the bundled tokenizer, a tiny random Llama on it, the bundled model, runtimes, references."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from chatrt import ChatRuntime, Config
+from chatrt.config import ModelConfig
+from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
+
+
+@pytest.fixture(scope="session")
+def bundled_folder():
+    """The bundled GGUF dequantized to a transformers folder (made once per machine, then read in 0.2 s)."""
+    folder, weights_id, _ = _gguf_folder(bundled_gguf(), cache_root(ModelConfig()), progress=lambda _: None)
+    return folder, weights_id
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_folder):
+    return AutoTokenizer.from_pretrained(bundled_folder[0])
+
+
+def tiny_llama(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    return LoadedModel.wrap(model, tokenizer, name=f"tiny-{seed}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer) -> LoadedModel:
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def bundled_lm(bundled_folder) -> LoadedModel:
+    folder, weights_id = bundled_folder
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return LoadedModel.wrap(model, AutoTokenizer.from_pretrained(folder), name="bundled", weights_id=weights_id)
+
+
+@pytest.fixture
+def runtime(tiny_lm) -> Iterator[ChatRuntime]:
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        yield rt
+
+
+@pytest.fixture
+def bundled_runtime(bundled_lm) -> Iterator[ChatRuntime]:
+    with ChatRuntime(bundled_lm, Config().with_values(generation={"max_new_tokens": 24})) as rt:
+        yield rt
+
+
+def reference_reply(lm: LoadedModel, prompt: list[int], max_new_tokens: int, *, use_cache: bool = False) -> tuple:
+    """What plain transformers generates greedily from the full prompt, with no reused cache."""
+    with torch.inference_mode():
+        out = lm.model.generate(
+            torch.tensor([prompt], device=lm.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=lm.device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(lm.stop_ids),
+            pad_token_id=lm.tokenizer.pad_token_id,
+            use_cache=use_cache,
+        )
+    new = out[0, len(prompt) :].tolist()
+    return tuple(new[:-1] if new and new[-1] in lm.stop_ids else new)

@@ -1,0 +1,62 @@
+"""Config comes from TOML and CHATRT_* variables; mistakes are errors that name the key."""
+
+import pytest
+
+from chatrt.config import Config
+from chatrt.errors import ConfigError
+
+
+def test_defaults_and_repo_config_load():
+    cfg = Config.load("configs/default.toml", env={})
+    assert cfg.model.source == "bundled"
+    assert cfg.generation.temperature == 0.0
+    assert Config() == Config.load(None, env={})
+
+
+def test_toml_values_and_byte_sizes(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\ndtype = "bfloat16"\n[prefix]\nmax_bytes = "64MiB"\n')
+    cfg = Config.load(path, env={})
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.prefix.max_bytes == 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[model]\ndtpye = 'float32'\n", "model.dtpye"),
+        ("[model]\ndtype = 'float8'\n", "model.dtype"),
+        ("[generation]\nmax_new_tokens = 'many'\n", "generation.max_new_tokens"),
+        ("[generation]\ntemperature = -1\n", "generation.temperature"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, text, named):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        Config.load(path, env={})
+
+
+def test_env_overrides(tmp_path):
+    cfg = Config.load(None, env={"CHATRT_MODEL__DTYPE": "bfloat16", "CHATRT_GENERATION__MAX_NEW_TOKENS": "7"})
+    assert cfg.model.dtype == "bfloat16" and cfg.generation.max_new_tokens == 7
+    with pytest.raises(ConfigError, match="CHATRT_MODEL__DTPYE"):
+        Config.load(None, env={"CHATRT_MODEL__DTPYE": "x"})
+    with pytest.raises(ConfigError, match="CHATRT_BOGUS"):
+        Config.load(None, env={"CHATRT_BOGUS": "1"})
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Config.load(bad, env={})
+
+
+def test_with_values_validates():
+    assert Config().with_values(generation={"top_k": 5}).generation.top_k == 5
+    with pytest.raises(ConfigError, match="top_k"):
+        Config().with_values(generation={"top_k": -1})

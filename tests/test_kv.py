@@ -1,0 +1,56 @@
+"""KV holds keys and values for exactly its ids; crops are views and the transformers cache shares its tensors."""
+
+import pytest
+import torch
+
+from chatrt.engine import compute_kv, prefill
+from chatrt.kv import KV, common_prefix_len
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len((1, 2), [1, 2, 3]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([5], [6]) == 0
+
+
+def test_kv_of_prefix_equals_crop_of_longer_kv(tiny_lm):
+    ids = tuple(range(100, 140))
+    full, part = compute_kv(tiny_lm, ids), compute_kv(tiny_lm, ids[:25])
+    cropped = full.crop(25)
+    assert cropped.ids == part.ids
+    for a, b in zip(cropped.keys + cropped.values, part.keys + part.values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert cropped.keys[0].untyped_storage().data_ptr() == full.keys[0].untyped_storage().data_ptr()
+
+
+def test_geometry_and_bytes(tiny_lm):
+    kv = compute_kv(tiny_lm, (1, 2, 3, 4, 5))
+    assert len(kv) == 5 and len(kv.keys) == tiny_lm.info.num_layers
+    assert kv.keys[0].shape == (1, tiny_lm.info.num_kv_heads, 5, tiny_lm.info.head_dim)
+    assert kv.nbytes == 5 * tiny_lm.info.kv_bytes_per_token
+
+
+def test_as_cache_shares_tensors_and_growth_never_mutates_them(tiny_lm):
+    kv = compute_kv(tiny_lm, tuple(range(200, 220)))
+    before = [t.clone() for t in kv.keys + kv.values]
+    cache = kv.as_cache()
+    assert cache.get_seq_length() == 20
+    assert cache.layers[0].keys.data_ptr() == kv.keys[0].data_ptr()
+    _, grown = prefill(tiny_lm, kv, [7, 8, 9])
+    assert grown.get_seq_length() == 23
+    for a, b in zip(kv.keys + kv.values, before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kv_rejects_mismatched_lengths():
+    t = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(AssertionError):
+        KV((1, 2), (t,), (t,))
+
+
+def test_to_same_device_is_identity(tiny_lm):
+    kv = compute_kv(tiny_lm, (1, 2, 3))
+    assert kv.to(kv.device) is kv
+    moved = kv.to("meta")
+    assert moved.device.type == "meta" and moved.ids == kv.ids
