@@ -94,9 +94,7 @@ class Config(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"invalid {source}: {problems}") from None
 
     def with_values(self, **sections: dict[str, Any]) -> Config:

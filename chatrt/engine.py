@@ -83,6 +83,8 @@ class TextStream:
         self.stopped = False
 
     def push(self, token: int) -> str:
+        if self.stopped:  # the reply already ended at a stop string
+            return ""
         self.ids.append(token)
         full = self._decode(self.ids)
         if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token

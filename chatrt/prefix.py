@@ -105,6 +105,7 @@ class PrefixStore:
 
     def _evict(self) -> None:
         """Drop unreferenced entries, oldest first, while over a limit. Caller holds self._lock."""
+
         def over() -> bool:
             live = [e for e in self._entries.values() if e.kv is not None]
             return len(live) > self.max_entries or sum(e.kv.nbytes for e in live) > self.max_bytes  # type: ignore[union-attr]

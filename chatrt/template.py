@@ -46,9 +46,7 @@ class ChatTemplate:
         # tokenized with special tokens recognised and each content piece with them split into plain text.
         chat = [{"role": m.role, "content": f"<{self._tag}:{i}>"} for i, m in enumerate(messages)]
         try:
-            text = self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja raises its own errors for role order etc.
             raise TemplateError(f"the chat template rejected this transcript: {e}") from e
         pieces = self._placeholder.split(text)
@@ -79,4 +77,3 @@ class ChatTemplate:
         a = self.render([*head, Message(role="user", content="a")])
         b = self.render([*head, Message(role="user", content="b")])
         return tuple(a[: common_prefix_len(a, b)])
-

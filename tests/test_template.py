@@ -64,7 +64,8 @@ def test_assistant_token_ids_are_used_verbatim(template, tokenizer):
 def test_prefix_ids_are_the_shared_start_of_every_conversation(template):
     prefix = template.prefix_ids("You are a pirate.")
     for text in ["Ahoy", "What is 2+2?", " leading space"]:
-        prompt = template.render([Message(role="system", content="You are a pirate."), Message(role="user", content=text)])
+        system = Message(role="system", content="You are a pirate.")
+        prompt = template.render([system, Message(role="user", content=text)])
         assert tuple(prompt[: len(prefix)]) == prefix
     assert template.prefix_ids("You are a pirate.") != template.prefix_ids("You are a parrot.")
     # The default system prompt is a shared prefix too.

@@ -1,0 +1,92 @@
+"""The engine prefills after a KV, decodes, samples, stops and streams text without splitting characters."""
+
+import torch
+
+from chatrt.engine import Generation, SamplingParams, TextStream, compute_kv, sample
+from tests.conftest import reference_reply
+
+
+def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
+    prompt = list(range(300, 360))
+    for split in (1, 17, 59):
+        gen = Generation(
+            tiny_lm, compute_kv(tiny_lm, tuple(prompt[:split])), prompt[split:], SamplingParams(max_new_tokens=10)
+        )
+        text = "".join(gen)
+        assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 10)
+        assert text == gen.text == tiny_lm.tokenizer.decode(gen.token_ids)
+        assert gen.finish_reason in ("length", "stop")
+        assert gen.kv.ids == (*prompt, *gen.token_ids[:-1])
+
+
+def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
+    gen = Generation(tiny_lm, None, list(range(400, 420)), SamplingParams(max_new_tokens=50))
+    stream = iter(gen)
+    next(stream)
+    stream.close()
+    assert gen.finish_reason == "cancelled"
+    assert len(gen.kv) == 20 + len(gen.token_ids) - 1
+    assert gen.kv.ids[20:] == tuple(gen.token_ids[:-1])
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    logits = torch.linspace(0, 5, 100)
+    p = SamplingParams(temperature=1.0, top_k=3, seed=1)
+    draws = [sample(logits, p, torch.Generator().manual_seed(7)) for _ in range(5)]
+    assert len(set(draws)) == 1
+    many = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert many <= {97, 98, 99} and len(many) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = SamplingParams(temperature=1.0, top_p=0.7)
+    drawn = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(300)}
+    assert drawn == {0, 1}
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9])
+    assert sample(logits, SamplingParams(), None) == 1
+
+
+def test_text_stream_never_splits_a_multibyte_character(tokenizer):
+    text = "naïve 東京 🐱🐶 café"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len([p for p in pieces if p]) > 3  # it streams, not all at the end
+
+
+def test_stop_string_cuts_the_reply_and_holds_back_partial_matches(tokenizer):
+    ids = tokenizer("Hello world. END of text", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer, stop=("END",))
+    pieces = []
+    for i in ids:
+        pieces.append(stream.push(i))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    assert "".join(pieces) == "Hello world. "
+    assert stream.stopped and stream.text == "Hello world. "
+
+
+def test_stop_string_split_over_tokens(tokenizer):
+    stream = TextStream(tokenizer, stop=("<STOP>",))
+    out = ""
+    for i in tokenizer("abc <ST", add_special_tokens=False).input_ids:
+        out += stream.push(i)
+    assert not out.endswith("<ST")  # held back: it may become the stop string
+    for i in tokenizer("OP> tail", add_special_tokens=False).input_ids:
+        out += stream.push(i)
+    out += stream.finish()
+    assert out == "abc "
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop(tokenizer):
+    stream = TextStream(tokenizer, stop=("<STOP>",))
+    out = "".join(stream.push(i) for i in tokenizer("a <S b", add_special_tokens=False).input_ids)
+    out += stream.finish()
+    assert out == "a <S b"
