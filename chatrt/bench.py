@@ -1,0 +1,235 @@
+"""The multi-session, multi-turn workload of `chatrt bench`, run in several reuse modes, and its report.
+
+Every mode replays the same conversations; with greedy decoding they produce the same replies, so their
+prompts and times compare turn by turn within one run.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatrt.config import Config
+from chatrt.model import LoadedModel
+from chatrt.runtime import ChatRuntime
+from chatrt.stats import TurnStats
+
+Mode = Literal["recompute", "prefix", "session", "full"]
+MODES: dict[str, dict[str, dict[str, bool]]] = {
+    "recompute": {"prefix": {"enabled": False}, "session": {"reuse": False}},
+    "prefix": {"prefix": {"enabled": True}, "session": {"reuse": False}},
+    "session": {"prefix": {"enabled": False}, "session": {"reuse": True}},
+    "full": {"prefix": {"enabled": True}, "session": {"reuse": True}},
+}
+REPORT_VERSION = 1
+# The workload reads like a support desk: a policy system prompt and real questions, so the model
+# answers at a natural length (random words make it refuse in a few tokens, which no user does).
+_POLICY = (
+    "Parcels sent by {a} service arrive within {n} working days.",
+    "A {b} parcel may be returned within {m} days of delivery for a full refund.",
+    "Customers who report a {b} item must attach a photo and the tracking number.",
+    "Refunds go back to the original card within {n} working days of approval.",
+    "The courier tries to deliver {n} times before the parcel goes to the nearest pickup locker.",
+    "Orders over {m} euros ship by {a} service at no extra cost.",
+    "Never share a customer's address or card number in a reply.",
+    "When a question is unclear, ask one short question before answering.",
+)
+_FILL = {"a": ("express", "standard", "weekend", "economy"), "b": ("damaged", "late", "missing", "wrong")}
+_QUESTIONS = (
+    "Where is my parcel? The tracking page has not changed for three days.",
+    "How do I return a jacket that does not fit?",
+    "My package arrived damaged. What should I do?",
+    "Can I change the delivery address after the order has shipped?",
+    "How long does a refund take to reach my card?",
+    "Why was I charged a customs fee for my order?",
+    "Can the courier leave the parcel with my neighbour?",
+    "What is the difference between express and standard delivery?",
+    "I received the wrong item. Can you send the right one?",
+    "Do you deliver on weekends and public holidays?",
+    "How can I pick up my parcel from a locker?",
+    "Can I cancel an order that I placed an hour ago?",
+    "The courier says nobody was home, but I was. What now?",
+    "Is it possible to get an invoice with my company's name on it?",
+    "Which countries do you ship to, and how long does it take?",
+    "My discount code did not work at checkout. Can you help?",
+)
+
+
+class Workload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sessions: int = Field(4, ge=1)
+    turns: int = Field(8, ge=1)
+    system_words: int = Field(300, ge=0)
+    """Words of the system prompt every session shares (0: the template's default)."""
+    user_words: int = Field(12, ge=1)
+    """Questions shorter than this get a sentence of context appended."""
+    max_new_tokens: int = Field(128, ge=1)
+    seed: int = 0
+    modes: tuple[Mode, ...] = ("recompute", "full")
+
+
+class ModeResult(BaseModel):
+    mode: Mode
+    turns: list[TurnStats]
+    wall_s: float
+    hit_rate: float
+    prompt_tokens: int
+    reused_tokens: int
+    prefilled_tokens: int
+    ttft_median_s: float
+    ttft_p95_s: float
+    last_turn_ttft_s: float
+    """Median TTFT over the sessions' last turns (the longest histories)."""
+    decode_tokens_per_s: float
+
+
+class Report(BaseModel):
+    version: int = REPORT_VERSION
+    model: str
+    dtype: str
+    device: str
+    workload: Workload
+    results: list[ModeResult]
+    replies_identical: bool
+    """Every mode produced the same replies (greedy decoding: reuse must not change a token)."""
+    last_turn_prompt_tokens: int
+    reference_decode_tokens_per_s: float
+    """Plain transformers `generate` (greedy) on the longest prompt, decode steps only."""
+
+    def result(self, mode: str) -> ModeResult:
+        return next(r for r in self.results if r.mode == mode)
+
+    def speedup(self, mode: str, baseline: str = "recompute") -> float:
+        return self.result(baseline).last_turn_ttft_s / self.result(mode).last_turn_ttft_s
+
+
+def conversations(w: Workload) -> tuple[str | None, list[list[str]]]:
+    """The shared system prompt and each session's user messages, from the seed."""
+    rng = random.Random(w.seed)
+    system = None
+    if w.system_words:
+        sentences = ["You are the support assistant of a parcel delivery company. Follow these policies."]
+        while sum(len(x.split()) for x in sentences) < w.system_words:
+            fill = {k: rng.choice(v) for k, v in _FILL.items()} | {"n": rng.randint(2, 9), "m": rng.randint(10, 90)}
+            sentences.append(rng.choice(_POLICY).format(**fill))
+        system = " ".join(sentences)
+    users = [[_question(rng, w.user_words) for _ in range(w.turns)] for _ in range(w.sessions)]
+    return system, users
+
+
+def _question(rng: random.Random, words: int) -> str:
+    """A real question, lengthened with context up to about `words` words."""
+    text = rng.choice(_QUESTIONS)
+    extra = (
+        "My order number is",
+        str(rng.randint(10000, 99999)),
+        "and I live in",
+        rng.choice(("Lyon", "Porto", "Graz")),
+    )
+    return text if len(text.split()) >= words else f"{text} {' '.join(extra)}."
+
+
+def run(
+    lm: LoadedModel, config: Config, w: Workload, progress: Callable[[str, int, int], None] = lambda *_: None
+) -> Report:
+    system, users = conversations(w)
+    results, replies = [], {}
+    for mode in w.modes:
+        result, replies[mode], longest = _run_mode(lm, config, w, mode, system, users, progress)
+        results.append(result)
+    first = next(iter(replies.values()))
+    return Report(
+        model=lm.info.name,
+        dtype=lm.info.dtype,
+        device=lm.info.device,
+        workload=w,
+        results=results,
+        replies_identical=all(r == first for r in replies.values()),
+        last_turn_prompt_tokens=len(longest),
+        reference_decode_tokens_per_s=_reference_decode(lm, longest, w.max_new_tokens),
+    )
+
+
+def _run_mode(
+    lm: LoadedModel,
+    config: Config,
+    w: Workload,
+    mode: Mode,
+    system: str | None,
+    users: list[list[str]],
+    progress: Callable[[str, int, int], None],
+) -> tuple[ModeResult, list[tuple[int, ...]], list[int]]:
+    """Returns the mode's result, every reply's ids in order, and the prompt of the longest last turn."""
+    config = config.with_values(**MODES[mode], generation={"max_new_tokens": w.max_new_tokens, "temperature": 0.0})
+    turns: list[TurnStats] = []
+    last: list[float] = []
+    replies: list[tuple[int, ...]] = []
+    total = w.sessions * w.turns
+    _warm_up(lm)
+    with ChatRuntime(lm, config) as rt:
+        sessions = [rt.open_session(system_prompt=system) for _ in range(w.sessions)]
+        t0 = time.perf_counter()
+        for t in range(w.turns):  # interleaved: every session takes turn t before any takes turn t + 1
+            for s, messages in zip(sessions, users, strict=True):
+                reply = s.send(messages[t])
+                turns.append(reply.stats)
+                replies.append(reply.token_ids)
+                if t == w.turns - 1:
+                    last.append(reply.stats.ttft_s)
+                progress(mode, len(turns), total)
+        wall = time.perf_counter() - t0
+        totals = rt.stats()
+        longest = max((rt.template.render(s.transcript[:-1]) for s in sessions), key=len)
+    ttfts = sorted(s.ttft_s for s in turns)
+    decode = [s.decode_tokens_per_s for s in turns if s.decode_tokens_per_s > 0]
+    return (
+        ModeResult(
+            mode=mode,
+            turns=turns,
+            wall_s=wall,
+            hit_rate=totals.hit_rate,
+            prompt_tokens=totals.prompt_tokens,
+            reused_tokens=totals.reused_tokens,
+            prefilled_tokens=totals.prefilled_tokens,
+            ttft_median_s=statistics.median(ttfts),
+            ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+            last_turn_ttft_s=statistics.median(last),
+            decode_tokens_per_s=statistics.median(decode) if decode else 0.0,
+        ),
+        replies,
+        longest,
+    )
+
+
+def _warm_up(lm: LoadedModel) -> None:
+    """One short forward, so the first timed turn of a mode does not pay for lazy initialisation."""
+    with torch.inference_mode():
+        lm.model(input_ids=torch.tensor([[1, 2, 3]], device=lm.device))
+
+
+def _reference_decode(lm: LoadedModel, prompt: list[int], n: int) -> float:
+    """Decode tokens/s of plain greedy `generate` on `prompt`: n / (time(1 + n new tokens) - time(1))."""
+    x = torch.tensor([prompt], device=lm.device)  # [1, S]
+
+    def timed(new: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            lm.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        return time.perf_counter() - t0
+
+    timed(1)
+    return n / max(timed(n + 1) - timed(1), 1e-9)

@@ -1,0 +1,183 @@
+"""The `chatrt` command: `chat`, `bench`, `stats` and `info`.
+
+Each subcommand loads the configured model (or the one named on the command line) and prints for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from chatrt import bench
+from chatrt.config import Config
+from chatrt.errors import ChatrtError
+from chatrt.runtime import ChatRuntime
+from chatrt.stats import RuntimeStats
+
+console = Console()
+err = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # chatrt shows its own progress
+    try:
+        return args.func(args)
+    except ChatrtError as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatrt", description="A chat runtime that keeps every conversation's KV cache.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--config", help="TOML config file (default: built-in defaults + CHATRT_* variables)")
+        c.add_argument("--model", help="model source: 'bundled', a transformers folder or a .gguf file")
+        c.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+        c.set_defaults(func=func)
+        return c
+
+    chat = command("chat", _chat, "chat with the model in the terminal")
+    chat.add_argument("--system", help="system prompt of the conversation")
+    b = command("bench", _bench, "run the multi-session workload in several reuse modes and report")
+    for field, info in bench.Workload.model_fields.items():
+        if field != "modes":
+            b.add_argument(f"--{field.replace('_', '-')}", type=int, default=info.default)
+    b.add_argument("--modes", default="recompute,full", help="comma-separated: recompute, prefix, session, full")
+    b.add_argument("--out", default="bench-out", help="folder for report.json")
+    command("stats", _stats, "run a short demo conversation and print the runtime's cache statistics")
+    command("info", _info, "print the model, its fingerprint and the configuration")
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = Config.load(args.config)
+    model = {k: v for k, v in {"source": args.model, "dtype": args.dtype}.items() if v}
+    return config.with_values(model=model) if model else config
+
+
+def _runtime(args: argparse.Namespace) -> ChatRuntime:
+    with console.status("loading the model…") as status:
+        return ChatRuntime.from_config(_config(args), progress=lambda msg: status.update(msg))
+
+
+def _chat(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    session = rt.open_session(system_prompt=args.system)
+    console.print(f"[bold]{rt.lm.info.name}[/bold] ready. Empty line or Ctrl-D quits; /regen regenerates.")
+    with rt:
+        while True:
+            try:
+                text = console.input("[bold cyan]you>[/bold cyan] ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            before = session.last_turn
+            try:
+                pieces = session.stream_regenerate() if text.strip() == "/regen" else session.stream(text)
+                console.print("[bold green]bot>[/bold green] ", end="")
+                for piece in pieces:
+                    console.print(piece, end="", markup=False, highlight=False)
+            except ChatrtError as e:  # a bad message is the user's to fix; the chat goes on
+                err.print(f"[red]{e}[/red]")
+                continue
+            except KeyboardInterrupt:
+                console.print("\n[yellow]stopped: this turn was not kept[/yellow]")
+                continue
+            t = session.last_turn
+            if t is not before and t is not None:
+                console.print(
+                    f"\n[dim]{t.prompt_tokens} prompt tokens, {t.reused_tokens} reused, {t.prefilled_tokens} "
+                    f"prefilled · TTFT {t.ttft_s * 1000:.0f} ms · {t.decode_tokens_per_s:.1f} tok/s[/dim]"
+                )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in bench.Workload.model_fields if f != "modes"}
+    workload = bench.Workload(**fields, modes=tuple(m.strip() for m in args.modes.split(",")))
+    rt = _runtime(args)
+    total = workload.sessions * workload.turns
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        tasks = {m: bar.add_task(m, total=total) for m in workload.modes}
+        report = bench.run(rt.lm, rt.config, workload, lambda mode, done, _: bar.update(tasks[mode], completed=done))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(report.model_dump_json(indent=2))
+    console.print(_bench_table(report))
+    console.print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _bench_table(report: bench.Report) -> Table:
+    w = report.workload
+    table = Table(
+        title=f"{report.model} · {report.dtype} · {report.device} · {w.sessions} sessions × {w.turns} turns · "
+        f"last prompt {report.last_turn_prompt_tokens} tokens · replies identical: {report.replies_identical}"
+    )
+    for col in (
+        "mode",
+        "hit rate",
+        "prefilled",
+        "reused",
+        "TTFT median",
+        "TTFT p95",
+        "last-turn TTFT",
+        "speed-up",
+        "decode tok/s",
+        "wall",
+    ):
+        table.add_column(col, justify="right")
+    for r in report.results:
+        speedup = f"{report.speedup(r.mode):.1f}×" if "recompute" in w.modes else "-"
+        table.add_row(
+            r.mode, f"{r.hit_rate:.1%}", str(r.prefilled_tokens), str(r.reused_tokens),
+            f"{r.ttft_median_s * 1000:.0f} ms", f"{r.ttft_p95_s * 1000:.0f} ms", f"{r.last_turn_ttft_s * 1000:.0f} ms",
+            speedup, f"{r.decode_tokens_per_s:.1f}", f"{r.wall_s:.1f} s",
+        )  # fmt: skip
+    table.caption = (
+        f"plain transformers greedy decode on the last prompt: {report.reference_decode_tokens_per_s:.1f} tok/s"
+    )
+    return table
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _runtime(args) as rt:
+        sessions = [rt.open_session(system_prompt="You are a concise assistant.") for _ in range(2)]
+        for question in ("What is a cache?", "Why does it help?"):
+            for s in sessions:
+                s.send(question, max_new_tokens=24)
+        print_stats(rt.stats())
+    return 0
+
+
+def print_stats(stats: RuntimeStats) -> None:
+    table = Table(title="chatrt runtime", show_header=False)
+    for key, value in stats.model_dump().items():
+        shown = f"{value:.1%}" if key == "hit_rate" else f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key.replace("_", " "), shown)
+    console.print(table)
+
+
+def _info(args: argparse.Namespace) -> int:
+    config = _config(args)
+    rt = _runtime(args)
+    console.print_json(json.dumps({"model": rt.lm.info.model_dump(), "config": config.model_dump(mode="json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

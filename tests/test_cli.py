@@ -1,0 +1,52 @@
+"""The chatrt command, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chatrt.bench import Report
+from chatrt.cli import main
+
+pytestmark = pytest.mark.bundled
+
+
+def chatrt(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chatrt.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_info_prints_the_model_and_its_fingerprint(capsys, bundled_lm):
+    assert main(["info", "--dtype", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["fingerprint"] == bundled_lm.info.fingerprint
+    assert out["config"]["model"]["dtype"] == "float32"
+
+
+def test_bench_writes_a_report(tmp_path):
+    args = ["--sessions", "2", "--turns", "2", "--system-words", "30", "--user-words", "4", "--max-new-tokens", "4"]
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 0
+    report = Report.model_validate_json((tmp_path / "report.json").read_text())
+    assert report.replies_identical and report.workload.sessions == 2
+    assert report.result("full").hit_rate > report.result("recompute").hit_rate == 0.0
+
+
+def test_chat_answers_on_stdin_and_shows_reuse():
+    done = chatrt("chat", "--system", "Answer in five words.", stdin="Hi there\nWhat is the sky's color?\n\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("bot>") == 2
+    assert "reused" in done.stdout
+
+
+def test_stats_runs_a_demo_and_prints_hit_rate():
+    done = chatrt("stats")
+    assert done.returncode == 0, done.stderr
+    assert "hit rate" in done.stdout and "prefix hits" in done.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    done = chatrt("info", "--config", str(tmp_path / "missing.toml"))
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,55 @@
+"""Models load from the bundled GGUF (cached) or a folder, and carry a fingerprint of what made them."""
+
+import pytest
+import torch
+
+from chatrt.config import ModelConfig
+from chatrt.errors import ModelLoadError
+from chatrt.model import fingerprint, load, resolve_dtype
+from tests.conftest import tiny_llama
+
+
+def test_fingerprint_names_weights_dtype_and_template(tokenizer, tiny_lm):
+    assert tiny_llama(tokenizer, seed=0).info.fingerprint == tiny_lm.info.fingerprint
+    assert tiny_llama(tokenizer, seed=1).info.fingerprint != tiny_lm.info.fingerprint
+    assert tiny_llama(tokenizer, dtype=torch.bfloat16).info.fingerprint != tiny_lm.info.fingerprint
+    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other.chat_template = tokenizer.chat_template + " "
+    info = tiny_lm.info
+    assert fingerprint("w", info, other) != fingerprint("w", info, tokenizer)
+
+
+def test_geometry_and_stop_tokens(tiny_lm, tokenizer):
+    assert (tiny_lm.info.num_layers, tiny_lm.info.num_kv_heads, tiny_lm.info.head_dim) == (2, 2, 16)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny_lm.stop_ids
+
+
+def test_dtype_choice():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_missing_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
+        load(ModelConfig(source=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(ModelConfig(source=str(tmp_path / "x.gguf")))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            load(ModelConfig(device="cuda"))
+
+
+@pytest.mark.bundled
+def test_bundled_model_loads_from_the_cache_with_a_stable_fingerprint(bundled_lm):
+    lm = load(ModelConfig(dtype="float32"))
+    assert lm.info.num_layers == 30 and lm.info.num_kv_heads == 3 and lm.info.max_context == 8192
+    assert lm.info.kv_bytes_per_token == 46080
+    assert lm.info.fingerprint == bundled_lm.info.fingerprint
+    assert load(ModelConfig(dtype="bfloat16")).info.fingerprint != lm.info.fingerprint
+
+
+@pytest.mark.bundled
+def test_a_local_folder_loads_too(bundled_folder):
+    lm = load(ModelConfig(source=str(bundled_folder[0]), dtype="float32"))
+    assert lm.info.name == bundled_folder[0].name and lm.info.num_layers == 30
