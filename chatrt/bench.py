@@ -88,6 +88,9 @@ class ModeResult(BaseModel):
     last_turn_ttft_s: float
     """Median TTFT over the sessions' last turns (the longest histories)."""
     decode_tokens_per_s: float
+    """Median over turns."""
+    longest_turn_decode_tokens_per_s: float
+    """On the turn with the longest prompt: compare with `Report.reference_decode_tokens_per_s`."""
 
 
 class Report(BaseModel):
@@ -202,6 +205,7 @@ def _run_mode(
             ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             last_turn_ttft_s=statistics.median(last),
             decode_tokens_per_s=statistics.median(decode) if decode else 0.0,
+            longest_turn_decode_tokens_per_s=max(turns, key=lambda t: t.prompt_tokens).decode_tokens_per_s,
         ),
         replies,
         longest,

@@ -33,7 +33,7 @@ class ModelConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    """Defaults for every turn; `send(...)` keywords override them per turn."""
+    """A turn's generation options: the config holds the defaults, `send(...)` keywords override them."""
 
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)

@@ -12,26 +12,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from chatrt.config import GenerationConfig
 from chatrt.kv import KV
 from chatrt.model import LoadedModel
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
-
-
-class SamplingParams(BaseModel):
-    """Per-turn options; unknown keywords are errors, not silent defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @torch.inference_mode()
@@ -51,7 +38,7 @@ def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tenso
     return lm.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, p: GenerationConfig, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0, else temperature / top-k / top-p sampling. logits: [V]."""
     if p.temperature == 0.0:
         return int(torch.argmax(logits))
@@ -134,7 +121,7 @@ class Generation:
     lm: LoadedModel
     kv: KV | None
     new_ids: list[int]
-    params: SamplingParams
+    params: GenerationConfig
     started: float = field(default_factory=time.perf_counter)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""

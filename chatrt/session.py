@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from chatrt.engine import Generation, SamplingParams, compute_kv
+from chatrt.config import GenerationConfig
+from chatrt.engine import Generation, compute_kv
 from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage, SessionClosed
 from chatrt.kv import KV, common_prefix_len
 from chatrt.prefix import PrefixEntry
@@ -111,7 +112,7 @@ class Session:
 
     # -- the turn ---------------------------------------------------------------------------------
 
-    def _turn(self, plan: Plan, params: SamplingParams) -> Iterator[str]:
+    def _turn(self, plan: Plan, params: GenerationConfig) -> Iterator[str]:
         self._check_open()
 
         def run() -> Iterator[str]:
@@ -200,10 +201,10 @@ class Session:
         reply = self.messages[-1]
         return Reply(text=reply.content, token_ids=self._last_ids, stats=self.last_turn)
 
-    def _params(self, options: dict[str, Any]) -> SamplingParams:
+    def _params(self, options: dict[str, Any]) -> GenerationConfig:
         defaults = self.rt.config.generation.model_dump()
         try:
-            return SamplingParams.model_validate({**defaults, **options})
+            return GenerationConfig.model_validate({**defaults, **options})
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"invalid generation option: {problems}") from None
@@ -224,7 +225,7 @@ class Session:
             raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
         return history[:-2]
 
-    def _check_context(self, prompt: list[int], params: SamplingParams) -> None:
+    def _check_context(self, prompt: list[int], params: GenerationConfig) -> None:
         limit = self.rt.lm.info.max_context
         if len(prompt) + params.max_new_tokens > limit:
             raise ContextLengthError(

@@ -10,32 +10,9 @@ import threading
 from pydantic import BaseModel, computed_field
 
 
-class TurnStats(BaseModel):
-    prompt_tokens: int
-    reused_session_tokens: int
-    reused_prefix_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    ttft_s: float
-    """From the call to the first generated token, every lookup and prefill included."""
-    prefill_s: float
-    decode_s: float
-    decode_tokens_per_s: float
-    finish_reason: str
+class TokenCounts(BaseModel):
+    """Where a turn's (or many turns') prompt tokens came from."""
 
-    @computed_field
-    @property
-    def reused_tokens(self) -> int:
-        return self.reused_session_tokens + self.reused_prefix_tokens
-
-    @computed_field
-    @property
-    def hit_rate(self) -> float:
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-class TokenTotals(BaseModel):
-    turns: int = 0
     prompt_tokens: int = 0
     reused_session_tokens: int = 0
     reused_prefix_tokens: int = 0
@@ -51,6 +28,19 @@ class TokenTotals(BaseModel):
     @property
     def hit_rate(self) -> float:
         return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class TurnStats(TokenCounts):
+    ttft_s: float
+    """From the call to the first generated token, every lookup and prefill included."""
+    prefill_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+    finish_reason: str
+
+
+class TokenTotals(TokenCounts):
+    turns: int = 0
 
     def add(self, t: TurnStats) -> None:
         self.turns += 1

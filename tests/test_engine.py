@@ -2,7 +2,8 @@
 
 import torch
 
-from chatrt.engine import Generation, SamplingParams, TextStream, compute_kv, sample
+from chatrt.config import GenerationConfig
+from chatrt.engine import Generation, TextStream, compute_kv, sample
 from tests.conftest import reference_reply
 
 
@@ -10,7 +11,7 @@ def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
     prompt = list(range(300, 360))
     for split in (1, 17, 59):
         gen = Generation(
-            tiny_lm, compute_kv(tiny_lm, tuple(prompt[:split])), prompt[split:], SamplingParams(max_new_tokens=10)
+            tiny_lm, compute_kv(tiny_lm, tuple(prompt[:split])), prompt[split:], GenerationConfig(max_new_tokens=10)
         )
         text = "".join(gen)
         assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 10)
@@ -20,7 +21,7 @@ def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
 
 
 def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
-    gen = Generation(tiny_lm, None, list(range(400, 420)), SamplingParams(max_new_tokens=50))
+    gen = Generation(tiny_lm, None, list(range(400, 420)), GenerationConfig(max_new_tokens=50))
     stream = iter(gen)
     next(stream)
     stream.close()
@@ -31,7 +32,7 @@ def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
     logits = torch.linspace(0, 5, 100)
-    p = SamplingParams(temperature=1.0, top_k=3, seed=1)
+    p = GenerationConfig(temperature=1.0, top_k=3, seed=1)
     draws = [sample(logits, p, torch.Generator().manual_seed(7)) for _ in range(5)]
     assert len(set(draws)) == 1
     many = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(200)}
@@ -40,14 +41,14 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    p = SamplingParams(temperature=1.0, top_p=0.7)
+    p = GenerationConfig(temperature=1.0, top_p=0.7)
     drawn = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(300)}
     assert drawn == {0, 1}
 
 
 def test_greedy_is_argmax():
     logits = torch.tensor([0.1, 3.0, 2.9])
-    assert sample(logits, SamplingParams(), None) == 1
+    assert sample(logits, GenerationConfig(), None) == 1
 
 
 def test_text_stream_never_splits_a_multibyte_character(tokenizer):
