@@ -22,7 +22,7 @@ from chatrt.runtime import ChatRuntime
 from chatrt.stats import RuntimeStats
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
 def main(argv: list[str] | None = None) -> int:
