@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +28,6 @@ class PrefixEntry:
     ids: tuple[int, ...]
     kv: KV | None = None
     refs: int = 0
-    last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per entry
 
 
@@ -99,7 +97,6 @@ class PrefixStore:
             self._entries.clear()
 
     def _touch(self, entry: PrefixEntry) -> None:
-        entry.last_used = time.monotonic()
         if self._entries.get(entry.key) is entry:
             self._entries.move_to_end(entry.key)
 
