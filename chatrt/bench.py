@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chatrt.config import Config
 from chatrt.model import LoadedModel
 from chatrt.runtime import ChatRuntime
-from chatrt.stats import TurnStats
+from chatrt.stats import TokenCounts, TurnStats
 
 Mode = Literal["recompute", "prefix", "session", "full"]
 MODES: dict[str, dict[str, dict[str, bool]]] = {
@@ -75,14 +75,10 @@ class Workload(BaseModel):
     modes: tuple[Mode, ...] = ("recompute", "full")
 
 
-class ModeResult(BaseModel):
+class ModeResult(TokenCounts):
     mode: Mode
     turns: list[TurnStats]
     wall_s: float
-    hit_rate: float
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
     ttft_median_s: float
     ttft_p95_s: float
     last_turn_ttft_s: float
@@ -197,10 +193,7 @@ def _run_mode(
             mode=mode,
             turns=turns,
             wall_s=wall,
-            hit_rate=totals.hit_rate,
-            prompt_tokens=totals.prompt_tokens,
-            reused_tokens=totals.reused_tokens,
-            prefilled_tokens=totals.prefilled_tokens,
+            **totals.model_dump(include=set(TokenCounts.model_fields)),
             ttft_median_s=statistics.median(ttfts),
             ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             last_turn_ttft_s=statistics.median(last),
