@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from functools import lru_cache
 from typing import Literal
 
@@ -17,6 +18,11 @@ from chatrt.errors import TemplateError
 from chatrt.kv import common_prefix_len
 
 Role = Literal["system", "user", "assistant"]
+
+# transformers' fast tokenizers switch `split_special_tokens` by setting a flag on the shared Rust tokenizer
+# for the duration of a call, so two threads encoding at once can each get the other's setting: user text
+# would then become control tokens. Every encode goes through this one lock (encoding takes microseconds).
+_ENCODE_LOCK = threading.Lock()
 
 
 class Message(BaseModel):
@@ -68,7 +74,8 @@ class ChatTemplate:
     def _encode(self, text: str, *, split_special: bool) -> list[int]:
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special).input_ids
+        with _ENCODE_LOCK:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special).input_ids
 
     def _prefix_ids(self, system_prompt: str | None) -> tuple[int, ...]:
         """Ids every conversation that opens with this system prompt starts with (the template's default

@@ -175,11 +175,6 @@ def test_without_session_reuse_only_the_prefix_is_reused(tiny_lm):
         assert_exact(s, second, 6)
 
 
-@pytest.mark.xfail(
-    reason="known defect, open: a greedy token differs from the reference now and then under threads; "
-    "a model-wide forward lock did not fix it (see the issue 3 note)",
-    strict=False,
-)
 def test_concurrent_sessions_in_threads_are_exact(runtime):
     sessions = [runtime.open_session(system_prompt="Shared.") for _ in range(4)]
     errors = []

@@ -1,5 +1,7 @@
 """The template renders transcripts to ids: the model's own format, with message text kept as text."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from chatrt.errors import TemplateError
@@ -81,3 +83,14 @@ def test_template_that_drops_content_is_refused(tokenizer):
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
     return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
+
+
+def test_rendering_from_many_threads_gives_the_same_ids(template, tokenizer):
+    # The tokenizer's split-special-tokens switch is shared state: unguarded, threads flip it for each other
+    # and injected text turns into control tokens now and then.
+    messages = [Message(role="system", content=INJECTION), Message(role="user", content=INJECTION * 3)]
+    expected = template.render(messages)
+    with ThreadPoolExecutor(8) as pool:
+        renders = list(pool.map(lambda _: template.render(messages), range(400)))
+    assert all(r == expected for r in renders)
+    assert expected.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant markup
