@@ -61,11 +61,23 @@ class SessionConfig(_Section):
 
 
 class TierConfig(_Section):
+    """Budgets of the tier ladder. Over a budget, the least recently used idle caches move one tier down;
+    a session count of 0 means no limit on the count."""
+
     device_bytes: ByteSize = ByteSize(2 * 2**30)
+    device_sessions: int = Field(0, ge=0)
     host_bytes: ByteSize = ByteSize(4 * 2**30)
+    host_sessions: int = Field(0, ge=0)
     redis_url: str = ""
-    """Empty: no Redis tier."""
+    """Empty: no Redis tier (caches falling off the host tier are dropped and recomputed when needed)."""
+    redis_bytes: ByteSize = ByteSize(16 * 2**30)
+    """Bytes of KV this process keeps in Redis; transcripts are not counted and stay until their TTL."""
+    redis_sessions: int = Field(0, ge=0)
     redis_ttl_s: int = Field(86400, ge=1)
+    redis_chunk_bytes: ByteSize = Field(ByteSize(8 * 2**20), ge=1024)
+    """KV is written in values of at most this size (Redis refuses values over 512 MB)."""
+    lease_s: float = Field(300.0, gt=0)
+    """A process holds a session for this long after its last turn began; then another process may take it."""
 
 
 class Config(_Section):

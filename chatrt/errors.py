@@ -42,3 +42,15 @@ class SessionBusy(ChatrtError):
 
 class TooManySessions(ChatrtError):
     """The runtime already holds `session.max_sessions` open sessions."""
+
+
+class SessionLeased(ChatrtError):
+    """Another process holds this session's lease (it is advancing the conversation there)."""
+
+
+class CacheRejected(ChatrtError):
+    """Stored KV that cannot be trusted (another model, a bad checksum, missing chunks); it is recomputed."""
+
+
+class StoreUnavailable(ChatrtError):
+    """Redis could not be reached or answered with an error."""

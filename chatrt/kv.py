@@ -1,15 +1,21 @@
 """One session's KV cache: the token ids it was computed on and the per-layer key/value tensors.
 
-Longest-common-prefix match, crop, byte size, moves between devices, and the bridge to transformers' cache.
+Longest-common-prefix match, crop, byte size, moves between devices, safetensors bytes, the bridge to transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from chatrt.errors import CacheRejected
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,16 @@ class KV:
             return self
         return KV(self.ids[:n], tuple(k[..., :n, :] for k in self.keys), tuple(v[..., :n, :] for v in self.values))
 
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> KV:
-        """A copy on `device` (self when already there)."""
+    def to(self, device: torch.device | str, *, pin: bool = False) -> KV:
+        """A copy on `device` (self when already there). `pin` puts a host copy in page-locked memory, which
+        CUDA copies back to the device at full bus speed."""
         device = torch.device(device)
         if self.device == device:
             return self
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        if pin and device.type == "cpu":
+            move = lambda t: torch.empty_like(t, device=device, pin_memory=True).copy_(t)  # noqa: E731
+        else:
+            move = lambda t: t.to(device)  # noqa: E731
         return KV(self.ids, tuple(map(move, self.keys)), tuple(map(move, self.values)))
 
     def as_cache(self) -> DynamicCache:
@@ -66,6 +76,67 @@ class KV:
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         return cls(ids, keys, values)
+
+
+class KVMeta(BaseModel):
+    """What stored KV bytes are, checked against the running model before any tensor is loaded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    ids: tuple[int, ...]
+    dtype: str
+    num_layers: int
+    key_shape: tuple[int, ...]  # of every layer's keys: [1, H_kv, S, D]
+    value_shape: tuple[int, ...]
+    nbytes: int  # of the serialized blob
+    chunks: int
+    sha256: str
+
+
+def to_chunks(kv: KV, fingerprint: str, chunk_bytes: int) -> tuple[KVMeta, list[memoryview]]:
+    """`kv` as one safetensors blob (tensors only, nothing executable) cut into chunks of at most `chunk_bytes`."""
+    tensors = {f"k{i}": k.contiguous() for i, k in enumerate(kv.keys)}
+    tensors |= {f"v{i}": v.contiguous() for i, v in enumerate(kv.values)}
+    blob = memoryview(st_save(tensors))
+    meta = KVMeta(
+        fingerprint=fingerprint,
+        ids=kv.ids,
+        dtype=str(kv.keys[0].dtype).removeprefix("torch."),
+        num_layers=len(kv.keys),
+        key_shape=tuple(kv.keys[0].shape),
+        value_shape=tuple(kv.values[0].shape),
+        nbytes=len(blob),
+        chunks=max(1, -(-len(blob) // chunk_bytes)),
+        sha256=hashlib.sha256(blob).hexdigest(),
+    )
+    return meta, [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)]
+
+
+def from_chunks(meta: KVMeta, chunks: list[bytes | None], fingerprint: str, device: torch.device | str) -> KV:
+    """The KV the chunks hold, on `device`. Raises CacheRejected, never returns KV it cannot vouch for:
+    another model's, a missing or changed chunk, or tensors that do not match the metadata."""
+    if meta.fingerprint != fingerprint:
+        raise CacheRejected("the cache was computed by another model (fingerprint differs)")
+    if len(chunks) != meta.chunks or any(c is None for c in chunks):
+        raise CacheRejected("chunks of the cache are missing (expired or evicted)")
+    blob = b"".join(chunks)  # type: ignore[arg-type]
+    if len(blob) != meta.nbytes or hashlib.sha256(blob).hexdigest() != meta.sha256:
+        raise CacheRejected("the cache's checksum does not match its bytes")
+    try:
+        tensors = st_load(blob)
+        keys = tuple(tensors[f"k{i}"] for i in range(meta.num_layers))
+        values = tuple(tensors[f"v{i}"] for i in range(meta.num_layers))
+    except Exception as e:  # the checksum matched, so this is a writer that broke the format
+        raise CacheRejected(f"the cache's tensors cannot be read: {e}") from None
+    if len(tensors) != 2 * meta.num_layers or any(
+        tuple(k.shape) != meta.key_shape or tuple(v.shape) != meta.value_shape or str(k.dtype) != f"torch.{meta.dtype}"
+        for k, v in zip(keys, values, strict=True)
+    ):
+        raise CacheRejected("the cache's tensors do not have the shapes and dtype its metadata names")
+    if meta.key_shape[-2] != len(meta.ids):
+        raise CacheRejected("the cache's length does not match its token ids")
+    return KV(meta.ids, keys, values).to(device)
 
 
 def common_prefix_len(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:

@@ -39,8 +39,17 @@ class PrefixCounters:
 
 
 class PrefixStore:
-    def __init__(self, fingerprint: str, *, max_entries: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        fingerprint: str,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        on_evict: Callable[[str, KV], None] = lambda key, kv: None,
+    ) -> None:
+        """`on_evict(key, kv)` gets each computed entry as it leaves memory (the tiers keep it in Redis)."""
         self.fingerprint = fingerprint
+        self.on_evict = on_evict
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()  # LRU order, oldest first
         self._lock = threading.Lock()
@@ -113,3 +122,4 @@ class PrefixStore:
                 del self._entries[key]
                 if entry.kv is not None:
                     self.counters.evictions += 1
+                    self.on_evict(key, entry.kv)

@@ -1,4 +1,4 @@
-"""ChatRuntime: the loaded model, the shared prefix store, the open sessions and the runtime's stats.
+"""ChatRuntime: the loaded model, the shared prefix store, the tier ladder, the open sessions and their stats.
 
 This is what bots import; `from_config` loads everything a config names.
 """
@@ -11,12 +11,14 @@ import uuid
 from pathlib import Path
 
 from chatrt.config import Config
-from chatrt.errors import InvalidMessage, SessionNotFound, TooManySessions
+from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
 from chatrt.model import LoadedModel, Progress, load
 from chatrt.prefix import PrefixStore
 from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats
-from chatrt.template import ChatTemplate
+from chatrt.store import RedisStore, SessionRecord
+from chatrt.template import ChatTemplate, Message
+from chatrt.tiers import Tiers
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -26,8 +28,16 @@ class ChatRuntime:
         self.lm = lm
         self.config = config or Config()
         self.template = ChatTemplate(lm.tokenizer)
+        tiers = self.config.tiers
+        self.store = (
+            RedisStore(tiers.redis_url, ttl_s=tiers.redis_ttl_s, lease_s=tiers.lease_s) if tiers.redis_url else None
+        )
+        self.tiers = Tiers(tiers, lm, self.store)
         self.prefixes = PrefixStore(
-            lm.info.fingerprint, max_entries=self.config.prefix.max_entries, max_bytes=self.config.prefix.max_bytes
+            lm.info.fingerprint,
+            max_entries=self.config.prefix.max_entries,
+            max_bytes=self.config.prefix.max_bytes,
+            on_evict=self.tiers.spill_prefix,
         )
         self.recorder = Recorder()
         self._sessions: dict[str, Session] = {}
@@ -48,21 +58,47 @@ class ChatRuntime:
         with self._lock:
             if session_id in self._sessions:
                 raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
-            if len(self._sessions) >= self.config.session.max_sessions:
-                raise TooManySessions(
-                    f"{len(self._sessions)} sessions are open, the configured session.max_sessions; close some first"
-                )
-            session = Session(self, session_id, system_prompt)
+            self._check_room()
+            lease = None
+            if self.store is not None:
+                try:
+                    if self.store.get_session(session_id) is not None:
+                        raise InvalidMessage(f"session {session_id} exists in Redis; use rt.session(id) to resume it")
+                    lease = self.store.take_lease(session_id)
+                except StoreUnavailable:
+                    self.tiers.count(redis_errors=1)  # the session lives in this process until Redis is back
+            session = Session(self, session_id, system_prompt, lease=lease)
             self._sessions[session_id] = session
+        if self.store is not None:
+            session._store_call(self.store.put_session, session.record())
         return session
 
     def session(self, session_id: str) -> Session:
-        """The open session with this id (a bot's user coming back)."""
+        """The session with this id: open here, or resumed from Redis with its transcript and KV (a bot's user
+        coming back, maybe to another process). Raises SessionLeased while another process holds it."""
         with self._lock:
             session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
+            if session is not None:
+                return session
+            record = self.store.get_session(session_id) if self.store is not None else None
+            if record is None:
+                raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
+            self._check_room()
+            lease = self.store.take_lease(session_id)
+            messages = self.adopt_messages(record)
+            session = Session(
+                self, session_id, record.system_prompt, messages=messages, turns=record.turns, lease=lease
+            )
+            self._sessions[session_id] = session
+        if self.tiers.adopt(record):  # its KV is another model's: the transcript is all that is kept
+            session._store_call(self.store.put_session, record.model_copy(update={"kv": None}))  # type: ignore[union-attr]
         return session
+
+    def adopt_messages(self, record: SessionRecord) -> list[Message]:
+        """A stored transcript for this model: replies keep their token ids only if this model wrote them."""
+        if record.fingerprint == self.lm.info.fingerprint:
+            return list(record.messages)
+        return [m.model_copy(update={"token_ids": None}) for m in record.messages]
 
     def sessions(self) -> list[Session]:
         with self._lock:
@@ -82,14 +118,19 @@ class ChatRuntime:
             prefix_hits=counters.hits,
             prefix_misses=counters.misses,
             prefix_evictions=counters.evictions,
+            tiers=self.tiers.usage(),
+            tier_counters=self.tiers.counters.model_copy(),
         )
 
     def close(self) -> None:
-        """Free every session's KV and the prefix store. Sessions are not closed for good: with Redis configured
-        they stay there (until their TTL) for another process to resume."""
+        """Free all of this process's memory. Sessions are not closed for good: with Redis configured they stay
+        there with their KV (until their TTL) for another process to resume; without Redis they are gone."""
         for session in self.sessions():
-            session.close()
+            session.detach()
+        self.tiers.clear()
         self.prefixes.clear()
+        if self.store is not None:
+            self.store.close()
 
     def __enter__(self) -> ChatRuntime:
         return self
@@ -97,11 +138,18 @@ class ChatRuntime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, session: Session, *, closed: bool = True) -> None:
         with self._lock:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
-                self.recorder.closed()
+                if closed:
+                    self.recorder.closed()
+
+    def _check_room(self) -> None:
+        if len(self._sessions) >= self.config.session.max_sessions:
+            raise TooManySessions(
+                f"{len(self._sessions)} sessions are open, the configured session.max_sessions; close some first"
+            )
 
 
 def _storage_bytes(kvs) -> int:  # type: ignore[no-untyped-def]

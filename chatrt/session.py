@@ -11,15 +11,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import redis
 from pydantic import BaseModel, ValidationError
+from redis.lock import Lock
 
 from chatrt.config import GenerationConfig
 from chatrt.engine import Generation, compute_kv
-from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage, SessionClosed
+from chatrt.errors import (
+    ConfigError,
+    ContextLengthError,
+    InvalidMessage,
+    SessionClosed,
+    StoreUnavailable,
+)
 from chatrt.kv import KV, common_prefix_len
 from chatrt.prefix import PrefixEntry
 from chatrt.stats import SessionStats, TokenTotals, TurnStats
+from chatrt.store import SessionRecord
 from chatrt.template import Message
+from chatrt.tiers import Checkout
 
 if TYPE_CHECKING:
     from chatrt.runtime import ChatRuntime
@@ -36,16 +46,26 @@ class Reply(BaseModel):
 
 
 class Session:
-    def __init__(self, rt: ChatRuntime, session_id: str, system_prompt: str | None) -> None:
+    def __init__(
+        self,
+        rt: ChatRuntime,
+        session_id: str,
+        system_prompt: str | None,
+        *,
+        messages: list[Message] | None = None,
+        turns: int = 0,
+        lease: Lock | None = None,
+    ) -> None:
         self.rt = rt
         self.id = session_id
         self.system_prompt = system_prompt
-        self.messages: list[Message] = []  # user/assistant turns; the system prompt is kept apart
-        self.kv: KV | None = None
+        self.messages: list[Message] = messages or []  # user/assistant turns; the system prompt is kept apart
+        self.turns = turns
         self.last_turn: TurnStats | None = None
         self.totals = TokenTotals()
         self.closed = False
         self._lock = threading.Lock()
+        self._lease = lease
         self._prefix: PrefixEntry | None = None
         self._last_ids: tuple[int, ...] = ()
         if rt.config.prefix.enabled:
@@ -56,6 +76,27 @@ class Session:
     @property
     def transcript(self) -> list[Message]:
         return self._head() + self.messages
+
+    @property
+    def kv(self) -> KV | None:
+        """The session's cache when it is in this process's memory (device or host tier)."""
+        return self.rt.tiers.peek(self.id)
+
+    @property
+    def tier(self) -> str:
+        """Where the session's cache is now: device, host, redis or none."""
+        return self.rt.tiers.where(self.id)
+
+    def record(self) -> SessionRecord:
+        """The session as Redis keeps it (its KV described by the tiers when it is there)."""
+        return SessionRecord(
+            session_id=self.id,
+            system_prompt=self.system_prompt,
+            messages=self.messages,
+            turns=self.turns,
+            fingerprint=self.rt.lm.info.fingerprint,
+            kv=self.rt.tiers.kv_meta(self.id),
+        )
 
     def send(self, text: str, **options: Any) -> Reply:
         """Send a user message and return the whole reply."""
@@ -88,18 +129,35 @@ class Session:
         kv = self.kv
         return SessionStats(
             session_id=self.id,
+            tier=self.tier,
             kv_tokens=len(kv) if kv else 0,
             kv_bytes=kv.nbytes if kv else 0,
             **self.totals.model_dump(exclude={"reused_tokens", "hit_rate"}),
         )
 
     def close(self) -> None:
-        """Free this session's KV and its hold on the shared prefix; waits for a running turn to end."""
+        """End the conversation: its KV is freed on every tier, its Redis keys deleted, its prefix hold released.
+        Waits for a running turn to end."""
         with self._lock:
             if self.closed:
                 return
             self._release()
+            if self.rt.store is not None:
+                self._store_call(self.rt.store.delete_session, self.id)
         self.rt._forget(self)
+
+    def detach(self) -> None:
+        """Leave this process (runtime shutdown): with Redis the session and its KV stay there for another
+        process to resume; the lease is given up. Memory here is freed either way."""
+        with self._lock:
+            if self.closed:
+                return
+            if self.rt.store is not None:
+                self._store_call(self.rt.tiers.persist, self.record())
+                if self._lease is not None:
+                    self._store_call(self._lease.release)
+            self._release()
+        self.rt._forget(self, closed=False)
 
     def __enter__(self) -> Session:
         return self
@@ -118,25 +176,29 @@ class Session:
         def run() -> Iterator[str]:
             with self._busy():
                 started = time.perf_counter()
+                self._hold_lease()
                 history, user = plan(list(self.messages))
                 prompt = self.rt.template.render([*self._head(), *history, user])
                 self._check_context(prompt, params)
-                kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt)
-                gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
-                pieces = iter(gen)
+                taken = self.rt.tiers.checkout(self.id)  # pinned until checked in
+                gen: Generation | None = None
                 try:
-                    yield from pieces
-                except GeneratorExit:
-                    self._record(gen, history, user, prompt, reused_session, reused_prefix, prefix_s)
-                    raise
-                except BaseException:
-                    self.kv = gen.kv if self.rt.config.session.reuse else None
-                    raise
-                self._record(gen, history, user, prompt, reused_session, reused_prefix, prefix_s)
+                    kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt, taken.kv)
+                    gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
+                    turn = (gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s)
+                    try:
+                        yield from gen
+                    except GeneratorExit:
+                        self._record(*turn)
+                        raise
+                    self._record(*turn)
+                finally:
+                    keep = gen is not None and self.rt.config.session.reuse
+                    self.rt.tiers.checkin(self.id, gen.kv if keep else None)  # type: ignore[union-attr]
 
         return run()
 
-    def _reuse(self, prompt: list[int]) -> tuple[KV | None, int, int, float]:
+    def _reuse(self, prompt: list[int], own_kv: KV | None) -> tuple[KV | None, int, int, float]:
         """The longest cached start of `prompt`: the session's own KV, else the shared prefix.
 
         Returns (kv, reused session tokens, reused prefix tokens, seconds spent computing a missing prefix).
@@ -144,17 +206,24 @@ class Session:
         """
         limit = len(prompt) - 1
         kv, own = None, 0
-        if self.kv is not None:
-            own = min(common_prefix_len(self.kv.ids, prompt), limit)
-            kv = self.kv.crop(own) if own else None
-        self.kv = None  # the turn's result replaces it
+        if own_kv is not None:
+            own = min(common_prefix_len(own_kv.ids, prompt), limit)
+            kv = own_kv.crop(own) if own else None
         entry = self._prefix
         if entry is None or not own < len(entry.ids) <= limit or tuple(prompt[: len(entry.ids)]) != entry.ids:
             return kv, own, 0, 0.0
         t0 = time.perf_counter()
-        prefix_kv, hit = self.rt.prefixes.kv(entry, lambda ids: compute_kv(self.rt.lm, ids))
+        loaded = False
+
+        def fill(ids: tuple[int, ...]) -> KV:
+            nonlocal loaded
+            stored = self.rt.tiers.load_prefix(entry.key, ids)
+            loaded = stored is not None
+            return stored if stored is not None else compute_kv(self.rt.lm, ids)
+
+        prefix_kv, hit = self.rt.prefixes.kv(entry, fill)
         prefix_kv = prefix_kv.to(self.rt.lm.device)
-        if hit:
+        if hit or loaded:
             return prefix_kv, 0, len(entry.ids), 0.0
         return prefix_kv, 0, 0, time.perf_counter() - t0
 
@@ -164,6 +233,7 @@ class Session:
         history: list[Message],
         user: Message,
         prompt: list[int],
+        taken: Checkout,
         reused_session: int,
         reused_prefix: int,
         prefix_s: float,
@@ -174,20 +244,27 @@ class Session:
         exact = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == gen.text
         reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
         self.messages = [*history, user, reply]
+        self.turns += 1
         self._last_ids = ids
-        self.kv = gen.kv if self.rt.config.session.reuse else None
+        prefilled = len(prompt) - reused_session - reused_prefix
+        self.rt.tiers.cost.observe("prefill", prefilled, gen.prefill_s + prefix_s)
         stats = TurnStats(
             prompt_tokens=len(prompt),
             reused_session_tokens=reused_session,
             reused_prefix_tokens=reused_prefix,
-            prefilled_tokens=len(prompt) - reused_session - reused_prefix,
+            prefilled_tokens=prefilled,
             generated_tokens=len(ids),
             ttft_s=gen.ttft_s,
             prefill_s=gen.prefill_s + prefix_s,
             decode_s=gen.decode_s,
             decode_tokens_per_s=gen.decode_tokens_per_s,
             finish_reason=gen.finish_reason,
+            kv_source=taken.source,
+            restore_s=taken.restore_s,
+            kv_decision=taken.rejected or (taken.choice.reason if taken.choice else ""),
         )
+        if self.rt.store is not None:  # the transcript is written through: it survives this process
+            self._store_call(self.rt.store.put_session, self.record())
         self.last_turn = stats
         self.totals.add(stats)
         self.rt.recorder.record(stats)
@@ -243,10 +320,35 @@ class Session:
             self._check_open()
             yield
 
+    def _hold_lease(self) -> None:
+        """Make sure this process holds the session's lease for the turn about to run. A process that gets the
+        lease back after another advanced the session adopts the newer transcript (the KV's ids sort out reuse)."""
+        store = self.rt.store
+        if store is None:
+            return
+        try:
+            held = self._lease is not None and self._lease.owned()
+            self._lease = store.take_lease(self.id, self._lease)
+            if held:
+                return
+            record = store.get_session(self.id)
+        except (StoreUnavailable, redis.RedisError):
+            self.rt.tiers.count(redis_errors=1)  # Redis down: the turn goes on in this process alone
+            return
+        if record is not None and record.turns != self.turns:
+            self.messages, self.turns = self.rt.adopt_messages(record), record.turns
+
+    def _store_call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A write to Redis that must not cost a message: on failure it is counted and the turn goes on."""
+        try:
+            fn(*args)
+        except (StoreUnavailable, redis.RedisError):
+            self.rt.tiers.count(redis_errors=1)
+
     def _release(self) -> None:
-        """Drop the KV and the prefix hold. Caller holds self._lock."""
+        """Drop the KV on every tier of this process and the prefix hold. Caller holds self._lock."""
         self.closed = True
-        self.kv = None
+        self.rt.tiers.drop(self.id)
         if self._prefix is not None:
             self.rt.prefixes.release(self._prefix)
             self._prefix = None

@@ -32,7 +32,13 @@ class TokenCounts(BaseModel):
 
 class TurnStats(TokenCounts):
     ttft_s: float
-    """From the call to the first generated token, every lookup and prefill included."""
+    """From the call to the first generated token, every lookup, restore and prefill included."""
+    kv_source: str = "none"
+    """Where the session's cache was when the turn began: device, host, redis or none."""
+    restore_s: float = 0.0
+    """Time to bring the cache to the device from a lower tier."""
+    kv_decision: str = ""
+    """Why a cache from a lower tier was restored or recomputed, with the cost model's estimates."""
     prefill_s: float
     decode_s: float
     decode_tokens_per_s: float
@@ -53,8 +59,36 @@ class TokenTotals(TokenCounts):
 
 class SessionStats(TokenTotals):
     session_id: str
+    tier: str
+    """Where the session's cache is: device, host, redis or none."""
     kv_tokens: int
     kv_bytes: int
+
+
+class TierUsage(BaseModel):
+    sessions: int
+    bytes: int
+    budget_bytes: int
+
+
+class TierCounters(BaseModel):
+    promotions: int = 0
+    """Caches brought back up to the device."""
+    demotions: int = 0
+    """Caches moved one tier down (device → host, host → Redis)."""
+    restores: int = 0
+    recomputes: int = 0
+    """Caches on a lower tier that were not restored: the cost model said recompute, or they were rejected."""
+    drops: int = 0
+    """Caches that fell off the bottom of the ladder (their transcript stays)."""
+    rejected: int = 0
+    """Stored caches refused: another model's, a bad checksum, missing chunks."""
+    redis_errors: int = 0
+    restore_s: float = 0.0
+    prefix_spills: int = 0
+    """Evicted prefixes written to Redis."""
+    prefix_restores: int = 0
+    """Prefixes loaded from Redis instead of computed."""
 
 
 class RuntimeStats(TokenTotals):
@@ -67,6 +101,8 @@ class RuntimeStats(TokenTotals):
     prefix_hits: int
     prefix_misses: int
     prefix_evictions: int
+    tiers: dict[str, TierUsage]
+    tier_counters: TierCounters
 
 
 class Recorder:

@@ -1,16 +1,19 @@
-"""Shared fixtures: the bundled tokenizer, a tiny random Llama on it, the bundled model, runtimes, references."""
+"""Shared fixtures: the bundled tokenizer, a tiny random Llama on it, the bundled model, runtimes, references,
+and a real redis-server started on a free loopback port for the test session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from chatrt import ChatRuntime, Config
 from chatrt.config import ModelConfig
 from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
+from chatrt.store import redis_server
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +65,29 @@ def runtime(tiny_lm) -> Iterator[ChatRuntime]:
 def bundled_runtime(bundled_lm) -> Iterator[ChatRuntime]:
     with ChatRuntime(bundled_lm, Config().with_values(generation={"max_new_tokens": 24})) as rt:
         yield rt
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_client(redis_url) -> Iterator[redis.Redis]:
+    """A client on an empty database: every test starts with no keys."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+def tiered(lm: LoadedModel, redis_url: str = "", max_new_tokens: int = 12, **tiers) -> ChatRuntime:  # type: ignore[no-untyped-def]
+    """A runtime with tier budgets (and Redis when a URL is given)."""
+    config = Config().with_values(
+        generation={"max_new_tokens": max_new_tokens}, tiers={"redis_url": redis_url, **tiers}
+    )
+    return ChatRuntime(lm, config)
 
 
 def reference_reply(lm: LoadedModel, prompt: list[int], max_new_tokens: int, *, use_cache: bool = False) -> tuple:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from chatrt.engine import compute_kv, prefill
-from chatrt.kv import KV, common_prefix_len
+from chatrt.errors import CacheRejected
+from chatrt.kv import KV, common_prefix_len, from_chunks, to_chunks
 
 
 def test_common_prefix_len():
@@ -54,3 +55,32 @@ def test_to_same_device_is_identity(tiny_lm):
     assert kv.to(kv.device) is kv
     moved = kv.to("meta")
     assert moved.device.type == "meta" and moved.ids == kv.ids
+
+
+def test_bytes_round_trip_is_bit_exact_and_chunked(tiny_lm):
+    kv = compute_kv(tiny_lm, tuple(range(200, 260))).crop(50)  # views: serialization must not need contiguity
+    fp = tiny_lm.info.fingerprint
+    meta, chunks = to_chunks(kv, fp, chunk_bytes=4096)
+    assert meta.chunks == len(chunks) > 1 and all(len(c) <= 4096 for c in chunks)
+    assert meta.ids == kv.ids and meta.nbytes == sum(len(c) for c in chunks)
+    back = from_chunks(meta, [bytes(c) for c in chunks], fp, "cpu")
+    assert back.ids == kv.ids
+    assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, kv.keys + kv.values, strict=True))
+
+
+@pytest.mark.parametrize(
+    "spoil, reason",
+    [
+        (lambda meta, chunks: (meta, [*chunks[:-1], None]), "missing"),
+        (lambda meta, chunks: (meta, [chunks[0][:-1] + bytes([chunks[0][-1] ^ 1]), *chunks[1:]]), "checksum"),
+        (lambda meta, chunks: (meta.model_copy(update={"fingerprint": "other"}), chunks), "another model"),
+        (lambda meta, chunks: (meta.model_copy(update={"ids": meta.ids[:-1]}), chunks), "length"),
+        (lambda meta, chunks: (meta.model_copy(update={"key_shape": (1, 1, 1, 1)}), chunks), "shapes"),
+    ],
+)
+def test_untrusted_bytes_are_rejected_never_loaded(tiny_lm, spoil, reason):
+    fp = tiny_lm.info.fingerprint
+    meta, chunks = to_chunks(compute_kv(tiny_lm, (1, 2, 3, 4)), fp, chunk_bytes=1024)
+    meta, chunks = spoil(meta, [bytes(c) for c in chunks])
+    with pytest.raises(CacheRejected, match=reason):
+        from_chunks(meta, chunks, fp, "cpu")

@@ -1,0 +1,189 @@
+"""The Redis tier's storage: session records and KV chunks under DESIGN's keys, with TTLs, pipelining and leases.
+
+Every Redis failure becomes StoreUnavailable, so callers can fall back to recompute and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from pydantic import BaseModel, ValidationError
+from redis.lock import Lock
+
+from chatrt.errors import SessionLeased, StoreUnavailable
+from chatrt.kv import KVMeta
+from chatrt.template import Message
+
+RECORD_VERSION = 1
+M = TypeVar("M", bound=BaseModel)
+
+
+class SessionRecord(BaseModel):
+    """A session as Redis keeps it: the transcript (the source of truth) and, when its KV is there, what it is."""
+
+    version: int = RECORD_VERSION
+    session_id: str
+    system_prompt: str | None
+    messages: list[Message]
+    turns: int
+    """Bumped by every turn, so a process that held the session earlier sees that another advanced it."""
+    fingerprint: str
+    """Of the model that wrote the transcript; another model must re-tokenize the replies."""
+    kv: KVMeta | None = None
+
+
+def session_key(session_id: str, part: str) -> str:
+    # The hash tag keeps one session's keys on one Redis Cluster slot.
+    return f"chatrt:{{{session_id}}}:{part}"
+
+
+def prefix_key(digest: str, part: str) -> str:
+    return f"chatrt:prefix:{{{digest}}}:{part}"
+
+
+class RedisStore:
+    def __init__(self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0) -> None:
+        self.url, self.ttl_s, self.lease_s = url, ttl_s, lease_s
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        except ValueError as e:
+            raise StoreUnavailable(f"tiers.redis_url {url!r} is not a Redis URL: {e}") from None
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        with _failures("read a session"):
+            raw = self.client.get(session_key(session_id, "meta"))
+        return _parse(SessionRecord, raw)
+
+    def put_session(self, record: SessionRecord, chunks: list[memoryview] | None = None) -> None:
+        """Write the record, and with `chunks` the KV its `kv` names; chunks of an older KV are deleted."""
+        sid = record.session_id
+        with _failures("write a session"):
+            old = _parse(SessionRecord, self.client.get(session_key(sid, "meta")))
+            new_count = record.kv.chunks if record.kv is not None and chunks is not None else 0
+            pipe = self.client.pipeline(transaction=True)
+            for n, chunk in enumerate(chunks or ()):
+                pipe.set(session_key(sid, f"kv:{n}"), chunk, ex=self.ttl_s)
+            stale = range(new_count, old.kv.chunks if old is not None and old.kv is not None else 0)
+            if stale:
+                pipe.delete(*(session_key(sid, f"kv:{n}") for n in stale))
+            if chunks is None and record.kv is not None:  # the KV stays as it is: keep its chunks alive as long
+                for n in range(record.kv.chunks):
+                    pipe.expire(session_key(sid, f"kv:{n}"), self.ttl_s)
+            pipe.set(session_key(sid, "meta"), record.model_dump_json(), ex=self.ttl_s)
+            pipe.execute()
+
+    def get_chunks(self, keys: list[str]) -> list[bytes | None]:
+        with _failures("read a cache"):
+            return self.client.mget(keys) if keys else []
+
+    def session_chunks(self, session_id: str, meta: KVMeta) -> list[bytes | None]:
+        return self.get_chunks([session_key(session_id, f"kv:{n}") for n in range(meta.chunks)])
+
+    def delete_session(self, session_id: str) -> None:
+        """Every key of the session: record, KV chunks, lease."""
+        with _failures("delete a session"):
+            old = _parse(SessionRecord, self.client.get(session_key(session_id, "meta")))
+            count = old.kv.chunks if old is not None and old.kv is not None else 0
+            keys = [session_key(session_id, p) for p in ("meta", "lease", *(f"kv:{n}" for n in range(count)))]
+            self.client.delete(*keys)
+
+    def take_lease(self, session_id: str, lease: Lock | None = None) -> Lock:
+        """The session's lease (SET NX with expiry), so one process advances a session at a time: `lease` renewed
+        when this process still holds it, else taken anew. Raises SessionLeased while another process holds it."""
+        if lease is None:
+            lease = self.client.lock(
+                session_key(session_id, "lease"), timeout=self.lease_s, blocking=False, thread_local=False
+            )
+        with _failures("take a session's lease"):
+            if lease.owned():
+                lease.reacquire()
+                return lease
+            if lease.acquire():
+                return lease
+        raise SessionLeased(
+            f"session {session_id} is in use by another process; try again when it is done "
+            f"(its lease lasts {self.lease_s:g} s after its last turn)"
+        )
+
+    # -- prefixes --------------------------------------------------------------------------------
+
+    def get_prefix(self, digest: str) -> tuple[KVMeta, list[bytes | None]] | None:
+        with _failures("read a prefix"):
+            meta = _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
+            if meta is None:
+                return None
+            return meta, self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)])
+
+    def put_prefix(self, digest: str, meta: KVMeta, chunks: list[memoryview]) -> None:
+        with _failures("write a prefix"):
+            pipe = self.client.pipeline(transaction=True)
+            for n, chunk in enumerate(chunks):
+                pipe.set(prefix_key(digest, f"kv:{n}"), chunk, ex=self.ttl_s)
+            pipe.set(prefix_key(digest, "meta"), meta.model_dump_json(), ex=self.ttl_s)
+            pipe.execute()
+
+    def ping(self) -> None:
+        with _failures("reach Redis"):
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.contextmanager
+def _failures(what: str) -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise StoreUnavailable(f"could not {what} in Redis: {e}") from e
+
+
+def _parse(model: type[M], raw: bytes | None) -> M | None:
+    """The stored JSON as `model`; None when absent or unreadable (a foreign or older writer is a miss)."""
+    if raw is None:
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+@contextlib.contextmanager
+def redis_server(binary: str = "redis-server") -> Iterator[str]:
+    """A private redis-server on a free loopback port in a temporary folder; yields its URL (tests, bench)."""
+    path = shutil.which(binary)
+    if path is None:
+        raise StoreUnavailable("redis-server is not installed; install the redis-server package (see the README)")
+    with tempfile.TemporaryDirectory(prefix="chatrt-redis-") as folder:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [path, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen(args, stdout=(Path(folder) / "log").open("w"), stderr=subprocess.STDOUT)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if proc.poll() is not None:
+                        raise StoreUnavailable(f"redis-server exited: {(Path(folder) / 'log').read_text()}") from None
+                    time.sleep(0.025)
+            client.close()
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)

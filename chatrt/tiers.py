@@ -1,0 +1,360 @@
+"""The tier ladder of session caches: device → host → Redis → dropped, by LRU under byte and session budgets.
+
+A session that is generating has its KV checked out: it sits in no LRU, so it is pinned and never moves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis
+import torch
+
+from chatrt.config import TierConfig
+from chatrt.cost import Choice, CostModel
+from chatrt.engine import compute_kv
+from chatrt.errors import CacheRejected, StoreUnavailable
+from chatrt.kv import KV, KVMeta, from_chunks, to_chunks
+from chatrt.model import LoadedModel
+from chatrt.stats import TierCounters, TierUsage
+from chatrt.store import RedisStore, SessionRecord
+
+Tier = Literal["device", "host", "redis"]
+Source = Literal["device", "host", "redis", "none"]
+TIERS: tuple[Tier, ...] = ("device", "host", "redis")
+_PROBE_TOKENS = 128
+_PROBE_BYTES = 8 * 2**20
+
+
+@dataclass
+class Slot:
+    """Where one session's KV is: tensors on the device or the host, or `meta` of its chunks in Redis."""
+
+    kv: KV | None
+    meta: KVMeta | None
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Move:
+    """One movement on the ladder, kept for operators and for tests of the eviction order."""
+
+    session_id: str
+    src: Source
+    dst: Literal["device", "host", "redis", "dropped"]
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A session's KV taken for a turn, and how it got to the device."""
+
+    kv: KV | None
+    source: Source
+    restore_s: float = 0.0
+    choice: Choice | None = None
+    rejected: str = ""  # why a stored cache could not be used
+
+
+@dataclass
+class _Ladder:
+    lru: dict[Tier, OrderedDict[str, Slot]] = field(default_factory=lambda: {t: OrderedDict() for t in TIERS})
+    pinned: dict[str, int] = field(default_factory=dict)  # checked-out session → bytes it occupies on the device
+
+
+class Tiers:
+    def __init__(self, config: TierConfig, lm: LoadedModel, store: RedisStore | None) -> None:
+        self.config, self.lm, self.store = config, lm, store
+        self.fingerprint = lm.info.fingerprint
+        self.cost = CostModel({"prefill": self._probe_prefill, "host": self._probe_host, "redis": self._probe_redis})
+        self.counters = TierCounters()
+        self.moves: deque[Move] = deque(maxlen=1024)
+        self._ladder = _Ladder()
+        self._lock = threading.RLock()
+
+    # -- a session's turn --------------------------------------------------------------------------
+
+    def checkout(self, session_id: str) -> Checkout:
+        """Take the session's KV out of the ladder and bring it to the device, or leave it to be recomputed
+        when that is cheaper. It stays pinned (counted on the device, never moved) until `checkin`."""
+        with self._lock:
+            tier, slot = self._find(session_id)
+            if slot is None:
+                self._ladder.pinned[session_id] = 0
+                return Checkout(None, "none")
+            del self._ladder.lru[tier][session_id]
+            self._ladder.pinned[session_id] = slot.nbytes
+        if tier == "device":
+            return Checkout(slot.kv, "device")
+        return self._promote(session_id, tier, slot)
+
+    def checkin(self, session_id: str, kv: KV | None) -> None:
+        """The turn is over: its KV is the session's most recently used cache on the device."""
+        with self._lock:
+            self._ladder.pinned.pop(session_id, None)
+            if kv is not None:
+                self._ladder.lru["device"][session_id] = Slot(kv, None, kv.nbytes)
+            self._enforce()
+
+    def adopt(self, record: SessionRecord) -> str:
+        """A session resumed from Redis: its KV (if the record names one) is on the Redis tier.
+        Returns why a stored cache was refused ("" when accepted or absent)."""
+        if record.kv is None:
+            return ""
+        if record.kv.fingerprint != self.fingerprint:
+            self.count(rejected=1)
+            return "the cache was computed by another model (fingerprint differs)"
+        with self._lock:
+            self._ladder.lru["redis"][record.session_id] = Slot(None, record.kv, record.kv.nbytes)
+        return ""
+
+    def peek(self, session_id: str) -> KV | None:
+        """The session's KV when it is in process memory (device or host), without moving it."""
+        with self._lock:
+            tier, slot = self._find(session_id)
+            return slot.kv if slot is not None and tier != "redis" else None
+
+    def where(self, session_id: str) -> Source:
+        with self._lock:
+            tier, slot = self._find(session_id)
+            return tier if slot is not None or session_id in self._ladder.pinned else "none"
+
+    def kv_meta(self, session_id: str) -> KVMeta | None:
+        """What the session's Redis chunks hold, when its KV is on the Redis tier (for its record)."""
+        with self._lock:
+            slot = self._ladder.lru["redis"].get(session_id)
+            return slot.meta if slot is not None else None
+
+    def drop(self, session_id: str) -> None:
+        """Forget the session's KV on every tier of this process (the caller deletes its Redis keys)."""
+        with self._lock:
+            for lru in self._ladder.lru.values():
+                lru.pop(session_id, None)
+            self._ladder.pinned.pop(session_id, None)
+
+    def persist(self, record: SessionRecord) -> None:
+        """Runtime shutdown: write the session with its KV to Redis (when the KV is in memory), then forget it here."""
+        assert self.store is not None
+        with self._lock:
+            tier, slot = self._find(record.session_id)
+            self.drop(record.session_id)
+        if slot is not None and tier != "redis":
+            assert slot.kv is not None
+            meta, chunks = to_chunks(slot.kv, self.fingerprint, self.config.redis_chunk_bytes)
+            self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
+        else:
+            self.store.put_session(record.model_copy(update={"kv": slot.meta if slot is not None else None}))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ladder = _Ladder()
+
+    # -- shared prefixes: an evicted prefix waits in Redis, where any process can load it ------------
+
+    def spill_prefix(self, key: str, kv: KV) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.put_prefix(key, *to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes))
+            self.count(prefix_spills=1)
+        except StoreUnavailable:
+            self.count(redis_errors=1)
+
+    def load_prefix(self, key: str, ids: tuple[int, ...]) -> KV | None:
+        """The prefix's KV from Redis when it is there, valid, for exactly `ids`, and faster than a prefill."""
+        if self.store is None:
+            return None
+        try:
+            found = self.store.get_prefix(key)
+            if found is None:
+                return None
+            meta, chunks = found
+            if meta.ids != ids or self.cost.choose("redis", meta.nbytes, len(ids)).action == "recompute":
+                return None
+            t0 = time.perf_counter()
+            kv = from_chunks(meta, chunks, self.fingerprint, self.lm.device)
+        except CacheRejected:
+            self.count(rejected=1)
+            return None
+        except (StoreUnavailable, redis.RedisError):
+            self.count(redis_errors=1)
+            return None
+        self.count(prefix_restores=1, restore_s=time.perf_counter() - t0)
+        return kv
+
+    # -- operators ---------------------------------------------------------------------------------
+
+    def usage(self) -> dict[Tier, TierUsage]:
+        with self._lock:
+            budgets = {
+                "device": self.config.device_bytes,
+                "host": self.config.host_bytes,
+                "redis": self.config.redis_bytes if self.store is not None else 0,
+            }
+            return {
+                t: TierUsage(
+                    sessions=len(lru) + (len(self._ladder.pinned) if t == "device" else 0),
+                    bytes=self._bytes(t),
+                    budget_bytes=budgets[t],
+                )
+                for t, lru in self._ladder.lru.items()
+            }
+
+    # -- moves -------------------------------------------------------------------------------------
+
+    def _promote(self, session_id: str, tier: Tier, slot: Slot) -> Checkout:
+        choice = self._choose(tier, slot)
+        t0 = time.perf_counter()
+        try:
+            kv = None if choice is not None and choice.action == "recompute" else self._load(session_id, slot)
+        except (CacheRejected, StoreUnavailable) as e:
+            kv, rejected = None, str(e)
+            self.count(rejected=isinstance(e, CacheRejected), redis_errors=isinstance(e, StoreUnavailable))
+        else:
+            rejected = ""
+        seconds = time.perf_counter() - t0
+        self._after_promotion(session_id, tier)
+        if kv is None:
+            self.count(recomputes=1)
+            self._log(session_id, tier, "dropped")
+            return Checkout(None, tier, choice=choice, rejected=rejected)
+        if choice is not None:
+            self.cost.observe(tier, slot.nbytes, seconds)
+        with self._lock:
+            self._ladder.pinned[session_id] = kv.nbytes
+        self.count(promotions=1, restores=1, restore_s=seconds)
+        self._log(session_id, tier, "device")
+        return Checkout(kv, tier, restore_s=seconds, choice=choice)
+
+    def _choose(self, tier: Tier, slot: Slot) -> Choice | None:
+        """None when there is nothing to weigh (host memory is device memory on a CPU-only machine)."""
+        if tier == "host" and self.lm.device.type == "cpu":
+            return None
+        tokens = len(slot.meta.ids) if slot.meta is not None else len(slot.kv or ())
+        try:
+            return self.cost.choose(tier, slot.nbytes, tokens)
+        except (StoreUnavailable, redis.RedisError):  # a probe failed: Redis is not answering, recompute
+            self.count(redis_errors=1)
+            return Choice("recompute", float("inf"), 0.0)
+
+    def count(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.counters, name, getattr(self.counters, name) + delta)
+
+    def _load(self, session_id: str, slot: Slot) -> KV:
+        if slot.kv is not None:
+            return slot.kv.to(self.lm.device)
+        assert self.store is not None and slot.meta is not None
+        return from_chunks(
+            slot.meta, self.store.session_chunks(session_id, slot.meta), self.fingerprint, self.lm.device
+        )
+
+    def _after_promotion(self, session_id: str, tier: Tier) -> None:
+        """The session's copy on `tier` is gone: a Redis copy's chunks are deleted and its record says so."""
+        if tier != "redis" or self.store is None:
+            return
+        try:
+            record = self.store.get_session(session_id)
+            if record is not None:
+                self.store.put_session(record.model_copy(update={"kv": None}))
+        except StoreUnavailable:
+            self.count(redis_errors=1)
+
+    def _enforce(self) -> None:
+        """Demote least recently used idle caches until every tier is within its budgets. Caller holds the lock."""
+        c = self.config
+        lru = self._ladder.lru
+        while self._over("device", c.device_bytes, c.device_sessions) and lru["device"]:
+            session_id, slot = lru["device"].popitem(last=False)
+            assert slot.kv is not None
+            lru["host"][session_id] = Slot(slot.kv.to("cpu", pin=self.lm.device.type == "cuda"), None, slot.nbytes)
+            self.count(demotions=1)
+            self._log(session_id, "device", "host")
+        while self._over("host", c.host_bytes, c.host_sessions) and lru["host"]:
+            session_id, slot = lru["host"].popitem(last=False)
+            self._demote_to_redis(session_id, slot)
+        while self._over("redis", c.redis_bytes, c.redis_sessions) and lru["redis"]:
+            session_id, _ = lru["redis"].popitem(last=False)
+            self._after_promotion(session_id, "redis")  # its chunks go; the transcript stays
+            self.count(drops=1)
+            self._log(session_id, "redis", "dropped")
+
+    def _demote_to_redis(self, session_id: str, slot: Slot) -> None:
+        assert slot.kv is not None
+        if self.store is not None:
+            try:
+                record = self.store.get_session(session_id)
+                if record is not None:  # no record: the session was closed meanwhile
+                    meta, chunks = to_chunks(slot.kv, self.fingerprint, self.config.redis_chunk_bytes)
+                    self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
+                    self._ladder.lru["redis"][session_id] = Slot(None, meta, meta.nbytes)
+                    self.count(demotions=1)
+                    self._log(session_id, "host", "redis")
+                    return
+            except StoreUnavailable:
+                self.count(redis_errors=1)
+        self.count(drops=1)
+        self._log(session_id, "host", "dropped")
+
+    def _over(self, tier: Tier, max_bytes: int, max_sessions: int) -> bool:
+        sessions = len(self._ladder.lru[tier]) + (len(self._ladder.pinned) if tier == "device" else 0)
+        return self._bytes(tier) > max_bytes or (max_sessions > 0 and sessions > max_sessions)
+
+    def _bytes(self, tier: Tier) -> int:
+        pinned = sum(self._ladder.pinned.values()) if tier == "device" else 0
+        return pinned + sum(s.nbytes for s in self._ladder.lru[tier].values())
+
+    def _find(self, session_id: str) -> tuple[Tier, Slot | None]:
+        for tier in TIERS:
+            slot = self._ladder.lru[tier].get(session_id)
+            if slot is not None:
+                return tier, slot
+        return "device", None
+
+    def _log(self, session_id: str, src: Source, dst: Literal["device", "host", "redis", "dropped"]) -> None:
+        self.moves.append(Move(session_id, src, dst))
+
+    # -- probes: measured once when the cost model has not yet seen the real thing -------------------
+
+    def _probe_prefill(self) -> tuple[float, float]:
+        ids = tuple(range(1, _PROBE_TOKENS + 1))
+        compute_kv(self.lm, ids[:8])  # warm up
+        t0 = time.perf_counter()
+        compute_kv(self.lm, ids)
+        return _PROBE_TOKENS, time.perf_counter() - t0
+
+    def _probe_host(self) -> tuple[float, float]:
+        x = torch.empty(_PROBE_BYTES // 4, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        t0 = time.perf_counter()
+        x.to(self.lm.device, non_blocking=False)
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return _PROBE_BYTES, time.perf_counter() - t0
+
+    def _probe_redis(self) -> tuple[float, float]:
+        """A KV-shaped round trip through Redis (write, read, checksum, load), and the fixed latency of one."""
+        assert self.store is not None
+        info = self.lm.info
+        per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * self.lm.dtype.itemsize
+        tokens = max(16, _PROBE_BYTES // per_token)
+        layers = [
+            torch.zeros((1, info.num_kv_heads, tokens, info.head_dim), dtype=self.lm.dtype)
+            for _ in range(2 * info.num_layers)
+        ]
+        kv = KV(tuple(range(tokens)), tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
+        meta, chunks = to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes)
+        key = "chatrt:probe"
+        keys = [f"{key}:{n}" for n in range(len(chunks))]
+        self.store.client.mset(dict(zip(keys, chunks, strict=True)))
+        t0 = time.perf_counter()
+        self.store.client.get(key)
+        self.cost.set_latency("redis", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        from_chunks(meta, self.store.get_chunks(keys), self.fingerprint, self.lm.device)
+        seconds = time.perf_counter() - t0
+        self.store.client.delete(*keys)
+        return meta.nbytes, seconds
