@@ -16,9 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatrt.config import Config
+from chatrt.cost import Action
+from chatrt.engine import compute_kv
 from chatrt.model import LoadedModel
 from chatrt.runtime import ChatRuntime
 from chatrt.stats import TokenCounts, TurnStats
+from chatrt.store import redis_server
 
 Mode = Literal["recompute", "prefix", "session", "full"]
 MODES: dict[str, dict[str, dict[str, bool]]] = {
@@ -89,6 +92,23 @@ class ModeResult(TokenCounts):
     """On the turn with the longest prompt: compare with `Report.reference_decode_tokens_per_s`."""
 
 
+class RestoreResult(BaseModel):
+    """One session's cache brought back from Redis, against recomputing it, measured in one run."""
+
+    history_tokens: int
+    stored_bytes: int
+    restore_s: float
+    """Measured: Redis → device for the session's next turn (read, checksum, load, move)."""
+    recompute_s: float
+    """Measured: a prefill of the same tokens from nothing."""
+    estimated_restore_s: float
+    estimated_recompute_s: float
+    chosen: Action
+    """What the cost model picked for that turn."""
+    chose_faster: bool
+    turn_ttft_s: float
+
+
 class Report(BaseModel):
     version: int = REPORT_VERSION
     model: str
@@ -101,6 +121,7 @@ class Report(BaseModel):
     last_turn_prompt_tokens: int
     reference_decode_tokens_per_s: float
     """Plain transformers `generate` (greedy) on the longest prompt, decode steps only."""
+    restore: RestoreResult | None = None
 
     def result(self, mode: str) -> ModeResult:
         return next(r for r in self.results if r.mode == mode)
@@ -203,6 +224,49 @@ def _run_mode(
         replies,
         longest,
     )
+
+
+def restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> RestoreResult:
+    """A session with a `tokens`-long history is pushed to Redis (the configured one, else a private
+    redis-server), then used again; the restore is timed against a prefill of the same ids."""
+    if config.tiers.redis_url:
+        return _restore_vs_recompute(lm, config, tokens)
+    with redis_server() as url:
+        return _restore_vs_recompute(lm, config.with_values(tiers={"redis_url": url}), tokens)
+
+
+def _restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> RestoreResult:
+    config = config.with_values(tiers={"device_sessions": 1, "host_bytes": 0}, generation={"temperature": 0.0})
+    _warm_up(lm)
+    with ChatRuntime(lm, config) as rt:
+        rng = random.Random(0)
+        history = rt.open_session()
+        text = ""
+        while len(rt.template.encode_text(text)) < tokens - 48:  # the template's markup and the reply make the rest
+            text += rng.choice(_QUESTIONS) + " "
+        history.send(text, max_new_tokens=8)
+        rt.open_session().send("Hello.", max_new_tokens=1)  # device fits one session: the history goes to Redis
+        meta = rt.tiers.kv_meta(history.id)
+        assert meta is not None, "the history should be in Redis now"
+        t0 = time.perf_counter()
+        compute_kv(lm, meta.ids)
+        recompute_s = time.perf_counter() - t0
+        estimate = rt.tiers.cost.choose("redis", meta.nbytes, len(meta.ids))
+        turn = history.send("Thanks, that is all.", max_new_tokens=8).stats
+        restored = turn.kv_source == "redis" and turn.reused_session_tokens > 0
+        restore_s = turn.restore_s if restored else float("nan")
+        chosen: Action = "restore" if restored else "recompute"
+        return RestoreResult(
+            history_tokens=len(meta.ids),
+            stored_bytes=meta.nbytes,
+            restore_s=restore_s,
+            recompute_s=recompute_s,
+            estimated_restore_s=estimate.restore_s,
+            estimated_recompute_s=estimate.recompute_s,
+            chosen=chosen,
+            chose_faster=(chosen == "restore") == (restore_s < recompute_s) if restored else estimate.action == chosen,
+            turn_ttft_s=turn.ttft_s,
+        )
 
 
 def _warm_up(lm: LoadedModel) -> None:

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         if field != "modes":
             b.add_argument(f"--{field.replace('_', '-')}", type=int, default=info.default)
     b.add_argument("--modes", default="recompute,full", help="comma-separated: recompute, prefix, session, full")
+    b.add_argument(
+        "--restore-tokens",
+        type=int,
+        default=2000,
+        help="history length for the Redis restore vs recompute measurement (0 skips it)",
+    )
     b.add_argument("--out", default="bench-out", help="folder for report.json")
     command("stats", _stats, "run a short demo conversation and print the runtime's cache statistics")
     command("info", _info, "print the model, its fingerprint and the configuration")
@@ -114,10 +120,20 @@ def _bench(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         tasks = {m: bar.add_task(m, total=total) for m in workload.modes}
         report = bench.run(rt.lm, rt.config, workload, lambda mode, done, _: bar.update(tasks[mode], completed=done))
+    if args.restore_tokens:
+        with console.status(f"restore vs recompute of a {args.restore_tokens}-token history…"):
+            report.restore = bench.restore_vs_recompute(rt.lm, rt.config, args.restore_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.model_dump_json(indent=2))
     console.print(_bench_table(report))
+    if r := report.restore:
+        console.print(
+            f"Redis tier, {r.history_tokens} tokens ({_mib(r.stored_bytes)}): restore {r.restore_s * 1000:.0f} ms, "
+            f"recompute {r.recompute_s * 1000:.0f} ms; the cost model chose {r.chosen} "
+            f"(estimates {r.estimated_restore_s * 1000:.0f} / {r.estimated_recompute_s * 1000:.0f} ms)"
+            f"{'' if r.chose_faster else ', not the faster one'}"
+        )
     console.print(f"report: {out / 'report.json'}")
     return 0
 
@@ -156,8 +172,11 @@ def _bench_table(report: bench.Report) -> Table:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with _runtime(args) as rt:
-        sessions = [rt.open_session(system_prompt="You are a concise assistant.") for _ in range(2)]
+    config = _config(args)
+    if not config.tiers.device_sessions:  # room for one idle session on the device, so the demo moves caches
+        config = config.with_values(tiers={"device_sessions": 1})
+    with console.status("loading the model…") as status, ChatRuntime.from_config(config, status.update) as rt:
+        sessions = [rt.open_session(system_prompt="You are a concise assistant.") for _ in range(3)]
         for question in ("What is a cache?", "Why does it help?"):
             for s in sessions:
                 s.send(question, max_new_tokens=24)
@@ -167,10 +186,26 @@ def _stats(args: argparse.Namespace) -> int:
 
 def print_stats(stats: RuntimeStats) -> None:
     table = Table(title="chatrt runtime", show_header=False)
-    for key, value in stats.model_dump().items():
-        shown = f"{value:.1%}" if key == "hit_rate" else f"{value:,}" if isinstance(value, int) else str(value)
-        table.add_row(key.replace("_", " "), shown)
+    for key, value in stats.model_dump(exclude={"tiers", "tier_counters"}).items():
+        table.add_row(key.replace("_", " "), _shown(key, value))
+    for tier, usage in stats.tiers.items():
+        budget = f" of {_mib(usage.budget_bytes)}" if usage.budget_bytes else ""
+        table.add_row(f"{tier} tier", f"{usage.sessions:,} sessions · {_mib(usage.bytes)}{budget}")
+    for key, value in stats.tier_counters.model_dump().items():
+        table.add_row(key.replace("_", " "), _shown(key, value))
     console.print(table)
+
+
+def _shown(key: str, value: object) -> str:
+    if key == "hit_rate":
+        return f"{value:.1%}"
+    if key.endswith("_s") and isinstance(value, float):
+        return f"{value * 1000:,.0f} ms"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _info(args: argparse.Namespace) -> int:

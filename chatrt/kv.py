@@ -55,7 +55,7 @@ class KV:
         if self.device == device:
             return self
         if pin and device.type == "cpu":
-            move = lambda t: torch.empty_like(t, device=device, pin_memory=True).copy_(t)  # noqa: E731
+            move = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)  # noqa: E731
         else:
             move = lambda t: t.to(device)  # noqa: E731
         return KV(self.ids, tuple(map(move, self.keys)), tuple(map(move, self.values)))

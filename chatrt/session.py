@@ -22,6 +22,7 @@ from chatrt.errors import (
     ContextLengthError,
     InvalidMessage,
     SessionClosed,
+    SessionLeased,
     StoreUnavailable,
 )
 from chatrt.kv import KV, common_prefix_len
@@ -137,13 +138,21 @@ class Session:
 
     def close(self) -> None:
         """End the conversation: its KV is freed on every tier, its Redis keys deleted, its prefix hold released.
-        Waits for a running turn to end."""
+        Waits for a running turn to end. When another process has taken the session over meanwhile (this one's
+        lease ran out), only this process's memory is freed: the session is the other process's now."""
         with self._lock:
             if self.closed:
                 return
             self._release()
-            if self.rt.store is not None:
-                self._store_call(self.rt.store.delete_session, self.id)
+            store = self.rt.store
+            if store is not None:
+                try:
+                    self._lease = store.take_lease(self.id, self._lease)
+                    store.delete_session(self.id)
+                except SessionLeased:
+                    pass
+                except StoreUnavailable:
+                    self.rt.tiers.count(redis_errors=1)
         self.rt._forget(self)
 
     def detach(self) -> None:

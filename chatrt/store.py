@@ -70,7 +70,7 @@ class RedisStore:
         sid = record.session_id
         with _failures("write a session"):
             old = _parse(SessionRecord, self.client.get(session_key(sid, "meta")))
-            new_count = record.kv.chunks if record.kv is not None and chunks is not None else 0
+            new_count = record.kv.chunks if record.kv is not None else 0
             pipe = self.client.pipeline(transaction=True)
             for n, chunk in enumerate(chunks or ()):
                 pipe.set(session_key(sid, f"kv:{n}"), chunk, ex=self.ttl_s)

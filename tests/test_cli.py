@@ -27,9 +27,10 @@ def test_info_prints_the_model_and_its_fingerprint(capsys, bundled_lm):
 
 def test_bench_writes_a_report(tmp_path):
     args = ["--sessions", "2", "--turns", "2", "--system-words", "30", "--user-words", "4", "--max-new-tokens", "4"]
-    assert main(["bench", *args, "--out", str(tmp_path)]) == 0
+    assert main(["bench", *args, "--restore-tokens", "300", "--out", str(tmp_path)]) == 0
     report = Report.model_validate_json((tmp_path / "report.json").read_text())
     assert report.replies_identical and report.workload.sessions == 2
+    assert report.restore.history_tokens >= 280 and report.restore.chose_faster
     assert report.result("full").hit_rate > report.result("recompute").hit_rate == 0.0
 
 
@@ -44,6 +45,7 @@ def test_stats_runs_a_demo_and_prints_hit_rate():
     done = chatrt("stats")
     assert done.returncode == 0, done.stderr
     assert "hit rate" in done.stdout and "prefix hits" in done.stdout
+    assert "host tier" in done.stdout and "demotions" in done.stdout
 
 
 def test_errors_are_one_clear_line(tmp_path):

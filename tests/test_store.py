@@ -48,6 +48,14 @@ def test_rewriting_a_record_deletes_chunks_it_no_longer_names(store, redis_clien
     assert keys(redis_client) == ["chatrt:{s1}:meta"]
 
 
+def test_rewriting_a_record_that_still_names_its_kv_keeps_the_chunks(store, redis_client, tiny_lm):
+    meta, chunks = to_chunks(compute_kv(tiny_lm, tuple(range(1, 40))), tiny_lm.info.fingerprint, chunk_bytes=8192)
+    store.put_session(record(kv=meta), chunks)
+    store.put_session(record(kv=meta).model_copy(update={"turns": 2}))
+    assert len(keys(redis_client)) == 1 + meta.chunks
+    assert all(c is not None for c in store.session_chunks("s1", meta))
+
+
 def test_delete_removes_every_key_of_the_session(store, redis_client, tiny_lm):
     meta, chunks = to_chunks(compute_kv(tiny_lm, (1, 2, 3)), tiny_lm.info.fingerprint, chunk_bytes=1024)
     store.put_session(record(kv=meta), chunks)

@@ -180,6 +180,21 @@ def test_a_process_that_lost_its_lease_adopts_the_newer_transcript(tiny_lm, redi
     a.close()
 
 
+def test_closing_a_session_another_process_took_over_leaves_it_to_that_process(tiny_lm, redis_url, redis_client):
+    a = tiered(tiny_lm, redis_url, lease_s=0.3)
+    s = a.open_session(session_id="moved")
+    s.send("hi")
+    time.sleep(0.4)
+    with tiered(tiny_lm, redis_url) as b:
+        taken = b.session("moved")
+        s.close()  # a's memory is freed; the session is b's now
+        assert redis_client.exists("chatrt:{moved}:meta") and a.stats().sessions_open == 0
+        assert_exact(taken, taken.send("still here"), 12)
+        taken.close()
+    a.close()
+    assert redis_client.keys("chatrt:*") == []
+
+
 def test_another_models_cache_is_refused_but_its_transcript_kept(tokenizer, tiny_lm, redis_url, redis_client):
     with tiered(tiny_lm, redis_url) as rt:
         rt.open_session(session_id="x").send("hello")
@@ -230,3 +245,30 @@ def test_a_session_resumes_in_another_process(tiny_lm, bundled_folder, redis_url
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["source"] == "redis" and result["reused"] > 0 and result["exact"] is True
+
+
+@pytest.mark.bundled
+def test_bundled_model_is_exact_after_every_kind_of_move(bundled_lm, redis_url, redis_client):
+    def check(rt, s, reply):
+        prompt = rt.template.render(s.transcript[:-1])
+        assert reply.token_ids == reference_reply(rt.lm, prompt, 24, use_cache=True)
+
+    system = "You are a concise assistant who answers in one sentence."
+    questions = ["What is the capital of France?", "Name a primary color.", "What is two plus two?"]
+    rt = tiered(bundled_lm, redis_url, max_new_tokens=24, device_sessions=1, host_sessions=1)
+    sessions = [rt.open_session(system_prompt=system, session_id=f"b{i}") for i in range(3)]
+    for s, q in zip(sessions, questions, strict=True):
+        check(rt, s, s.send(q))
+    sources = []
+    b0, b1, b2 = sessions  # b0 is in Redis, b1 on the host, b2 on the device
+    for s in (b1, b0, b2, b2):  # b0's turn pushes b2 from the host to Redis
+        reply = s.send("Why?")
+        check(rt, s, reply)
+        sources.append(reply.stats.kv_source)
+    assert sources == ["host", "redis", "redis", "device"]
+    rt.close()
+    with tiered(bundled_lm, redis_url, max_new_tokens=24) as other:  # another runtime resumes from Redis
+        s = other.session("b1")
+        reply = s.send("Say it shorter.")
+        check(other, s, reply)
+        assert reply.stats.kv_source == "redis" and reply.stats.reused_session_tokens > 0, reply.stats.kv_decision
