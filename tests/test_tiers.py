@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
@@ -272,3 +273,25 @@ def test_bundled_model_is_exact_after_every_kind_of_move(bundled_lm, redis_url, 
         reply = s.send("Say it shorter.")
         check(other, s, reply)
         assert reply.stats.kv_source == "redis" and reply.stats.reused_session_tokens > 0, reply.stats.kv_decision
+
+
+def test_sessions_in_threads_stay_exact_while_the_ladder_moves_them(tiny_lm, redis_url, redis_client):
+    with tiered(tiny_lm, redis_url, device_sessions=1, host_sessions=1) as rt:
+        sessions = [rt.open_session(system_prompt="Shared.") for _ in range(4)]
+        errors = []
+
+        def chat(s, seed):
+            try:
+                rng = random.Random(seed)
+                for _ in range(3):
+                    assert_exact(s, s.send(random_message(rng)), 12)
+            except Exception as e:  # collected: an assertion in a thread would otherwise vanish
+                errors.append(e)
+
+        threads = [threading.Thread(target=chat, args=(s, i)) for i, s in enumerate(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and not any(t.is_alive() for t in threads)
+        assert rt.stats().tier_counters.demotions > 0
