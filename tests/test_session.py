@@ -175,14 +175,14 @@ def test_without_session_reuse_only_the_prefix_is_reused(tiny_lm):
         assert_exact(s, second, 6)
 
 
-def test_concurrent_sessions_in_threads_are_exact(runtime):
-    sessions = [runtime.open_session(system_prompt="Shared.") for _ in range(4)]
+def chat_in_threads(sessions, turns: int = 3) -> None:
+    """Each session chats in its own thread at once; every reply is checked against plain transformers."""
     errors = []
 
     def chat(s, seed):
         try:
             rng = random.Random(seed)
-            for _ in range(3):
+            for _ in range(turns):
                 assert_exact(s, s.send(random_message(rng)), 12)
         except Exception as e:  # collected: an assertion in a thread would otherwise vanish
             errors.append(e)
@@ -191,8 +191,12 @@ def test_concurrent_sessions_in_threads_are_exact(runtime):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert errors == []
+        t.join(120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+
+
+def test_concurrent_sessions_in_threads_are_exact(runtime):
+    chat_in_threads([runtime.open_session(system_prompt="Shared.") for _ in range(4)])
 
 
 def test_close_frees_the_cache_and_forgets_the_session(runtime):

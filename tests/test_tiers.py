@@ -6,7 +6,6 @@ import json
 import random
 import subprocess
 import sys
-import threading
 import time
 import weakref
 
@@ -15,7 +14,7 @@ import pytest
 from chatrt import ChatRuntime, Config
 from chatrt.errors import SessionClosed, SessionLeased
 from tests.conftest import reference_reply, tiered, tiny_llama
-from tests.test_session import assert_exact, random_message
+from tests.test_session import assert_exact, chat_in_threads, random_message
 
 
 def chat_round_robin(rt, sessions, rounds: int, seed: int = 0):
@@ -277,21 +276,5 @@ def test_bundled_model_is_exact_after_every_kind_of_move(bundled_lm, redis_url, 
 
 def test_sessions_in_threads_stay_exact_while_the_ladder_moves_them(tiny_lm, redis_url, redis_client):
     with tiered(tiny_lm, redis_url, device_sessions=1, host_sessions=1) as rt:
-        sessions = [rt.open_session(system_prompt="Shared.") for _ in range(4)]
-        errors = []
-
-        def chat(s, seed):
-            try:
-                rng = random.Random(seed)
-                for _ in range(3):
-                    assert_exact(s, s.send(random_message(rng)), 12)
-            except Exception as e:  # collected: an assertion in a thread would otherwise vanish
-                errors.append(e)
-
-        threads = [threading.Thread(target=chat, args=(s, i)) for i, s in enumerate(sessions)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert errors == [] and not any(t.is_alive() for t in threads)
+        chat_in_threads([rt.open_session(system_prompt="Shared.") for _ in range(4)])
         assert rt.stats().tier_counters.demotions > 0
