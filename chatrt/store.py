@@ -118,12 +118,12 @@ class RedisStore:
 
     # -- prefixes --------------------------------------------------------------------------------
 
-    def get_prefix(self, digest: str) -> tuple[KVMeta, list[bytes | None]] | None:
+    def get_prefix(self, digest: str) -> KVMeta | None:
         with _failures("read a prefix"):
-            meta = _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
-            if meta is None:
-                return None
-            return meta, self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)])
+            return _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
+
+    def prefix_chunks(self, digest: str, meta: KVMeta) -> list[bytes | None]:
+        return self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)])
 
     def put_prefix(self, digest: str, meta: KVMeta, chunks: list[memoryview]) -> None:
         with _failures("write a prefix"):

@@ -143,7 +143,7 @@ class Tiers:
             self.drop(record.session_id)
         if slot is not None and tier != "redis":
             assert slot.kv is not None
-            meta, chunks = to_chunks(slot.kv, self.fingerprint, self.config.redis_chunk_bytes)
+            meta, chunks = self._chunks(slot.kv)
             self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
         else:
             self.store.put_session(record.model_copy(update={"kv": slot.meta if slot is not None else None}))
@@ -158,7 +158,7 @@ class Tiers:
         if self.store is None:
             return
         try:
-            self.store.put_prefix(key, *to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes))
+            self.store.put_prefix(key, *self._chunks(kv))
             self.count(prefix_spills=1)
         except StoreUnavailable:
             self.count(redis_errors=1)
@@ -168,14 +168,15 @@ class Tiers:
         if self.store is None:
             return None
         try:
-            found = self.store.get_prefix(key)
-            if found is None:
-                return None
-            meta, chunks = found
-            if meta.ids != ids or self.cost.choose("redis", meta.nbytes, len(ids)).action == "recompute":
+            meta = self.store.get_prefix(key)  # the chunks are read only once the cost model says restore
+            if (
+                meta is None
+                or meta.ids != ids
+                or self.cost.choose("redis", meta.nbytes, len(ids)).action == "recompute"
+            ):
                 return None
             t0 = time.perf_counter()
-            kv = from_chunks(meta, chunks, self.fingerprint, self.lm.device)
+            kv = from_chunks(meta, self.store.prefix_chunks(key, meta), self.fingerprint, self.lm.device)
         except CacheRejected:
             self.count(rejected=1)
             return None
@@ -196,11 +197,11 @@ class Tiers:
             }
             return {
                 t: TierUsage(
-                    sessions=len(lru) + (len(self._ladder.pinned) if t == "device" else 0),
+                    sessions=self._sessions(t),
                     bytes=self._bytes(t),
                     budget_bytes=budgets[t],
                 )
-                for t, lru in self._ladder.lru.items()
+                for t in TIERS
             }
 
     # -- moves -------------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ class Tiers:
             try:
                 record = self.store.get_session(session_id)
                 if record is not None:  # no record: the session was closed meanwhile
-                    meta, chunks = to_chunks(slot.kv, self.fingerprint, self.config.redis_chunk_bytes)
+                    meta, chunks = self._chunks(slot.kv)
                     self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
                     self._ladder.lru["redis"][session_id] = Slot(None, meta, meta.nbytes)
                     self.count(demotions=1)
@@ -301,8 +302,14 @@ class Tiers:
         self._log(session_id, "host", "dropped")
 
     def _over(self, tier: Tier, max_bytes: int, max_sessions: int) -> bool:
-        sessions = len(self._ladder.lru[tier]) + (len(self._ladder.pinned) if tier == "device" else 0)
-        return self._bytes(tier) > max_bytes or (max_sessions > 0 and sessions > max_sessions)
+        return self._bytes(tier) > max_bytes or (max_sessions > 0 and self._sessions(tier) > max_sessions)
+
+    def _sessions(self, tier: Tier) -> int:
+        """Caches on `tier`; the device also holds every checked-out (generating) one."""
+        return len(self._ladder.lru[tier]) + (len(self._ladder.pinned) if tier == "device" else 0)
+
+    def _chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
+        return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes)
 
     def _bytes(self, tier: Tier) -> int:
         pinned = sum(self._ladder.pinned.values()) if tier == "device" else 0
@@ -346,7 +353,7 @@ class Tiers:
             for _ in range(2 * info.num_layers)
         ]
         kv = KV(tuple(range(tokens)), tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
-        meta, chunks = to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes)
+        meta, chunks = self._chunks(kv)
         key = "chatrt:probe"
         keys = [f"{key}:{n}" for n in range(len(chunks))]
         self.store.client.mset(dict(zip(keys, chunks, strict=True)))

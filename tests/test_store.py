@@ -88,8 +88,8 @@ def test_prefixes_live_under_their_hash(store, redis_client, tiny_lm):
     kv = compute_kv(tiny_lm, (5, 6, 7))
     store.put_prefix("abc", *to_chunks(kv, tiny_lm.info.fingerprint, chunk_bytes=1 << 20))
     assert keys(redis_client) == ["chatrt:prefix:{abc}:kv:0", "chatrt:prefix:{abc}:meta"]
-    meta, chunks = store.get_prefix("abc")
-    assert from_chunks(meta, chunks, tiny_lm.info.fingerprint, "cpu").ids == (5, 6, 7)
+    meta = store.get_prefix("abc")
+    assert from_chunks(meta, store.prefix_chunks("abc", meta), tiny_lm.info.fingerprint, "cpu").ids == (5, 6, 7)
     assert store.get_prefix("nope") is None
 
 
