@@ -49,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    chat = command("chat", _chat, "chat with the model in the terminal")
-    chat.add_argument("--system", help="system prompt of the conversation")
+    chat = command("chat", _chat, "chat with the model in the terminal UI")
+    chat.add_argument("--system", help="system prompt of the first session")
+    chat.add_argument(
+        "--plain", action="store_true", help="a line-by-line chat instead of the UI (the default when stdin is a pipe)"
+    )
     b = command("bench", _bench, "run the multi-session workload in several reuse modes and report")
     for field, info in bench.Workload.model_fields.items():
         if field != "modes":
@@ -80,6 +83,16 @@ def _runtime(args: argparse.Namespace) -> ChatRuntime:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    if args.plain or not sys.stdin.isatty():
+        return _plain_chat(args)
+    import tui  # the UI's imports are only paid for when it runs
+
+    config = _config(args)  # a bad config is reported here, before the screen is taken over
+    tui.run(lambda progress: ChatRuntime.from_config(config, progress), system_prompt=args.system)
+    return 0
+
+
+def _plain_chat(args: argparse.Namespace) -> int:
     rt = _runtime(args)
     session = rt.open_session(system_prompt=args.system)
     console.print(f"[bold]{rt.lm.info.name}[/bold] ready. Empty line or Ctrl-D quits; /regen regenerates.")

@@ -35,7 +35,8 @@ def test_bench_writes_a_report(tmp_path):
 
 
 def test_chat_answers_on_stdin_and_shows_reuse():
-    done = chatrt("chat", "--system", "Answer in five words.", stdin="Hi there\nWhat is the sky's color?\n\n")
+    stdin = "Hi there\nWhat is the sky's color?\n\n"
+    done = chatrt("chat", "--plain", "--system", "Answer in five words.", stdin=stdin)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("bot>") == 2
     assert "reused" in done.stdout

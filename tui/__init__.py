@@ -1,4 +1,8 @@
-"""The Textual terminal UI of chatrt; it talks to chatrt only through its public API.
+"""The Textual terminal UI of chatrt: sessions, a streaming conversation and live cache stats.
 
-Placeholder until the TUI issue: `chatrt chat` runs a line-based chat meanwhile.
+It talks to chatrt only through its public API (ChatRuntime, Session, the stats models).
 """
+
+from tui.app import ChatApp, run
+
+__all__ = ["ChatApp", "run"]

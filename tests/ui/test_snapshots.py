@@ -1,0 +1,54 @@
+"""Snapshots of the app's screens (pytest-textual-snapshot): a layout change shows up as a failing diff.
+
+After an intended change, review the new look and accept it with `pytest tests/ui --snapshot-update`.
+Timings differ per run, so screens with the per-turn stats table are not snapshotted after a turn.
+"""
+
+from __future__ import annotations
+
+from chatrt import ModelLoadError
+from tests.ui.pilot import chat_app, notifications, ready, say, wait_until
+from tui import ChatApp
+from tui.new_session import NewSessionScreen, Preset
+
+SIZE = (120, 34)
+PRESETS = [Preset(name="Model default", system=""), Preset(name="Pirate", system="You talk like a pirate.")]
+
+
+def test_main_screen_before_the_first_message(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await ready(pilot)
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_main_screen_with_a_conversation_and_two_sessions(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await say(pilot, "What is a KV cache?")
+        await say(pilot, "Why keep it between turns?")
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, NewSessionScreen))
+        await pilot.press("down", "enter")
+        await say(pilot, "Ahoy!")
+        await pilot.press("ctrl+up", "ctrl+t")  # back to the first session, stats hidden
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_new_session_dialog(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await ready(pilot)
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, NewSessionScreen))
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_a_failed_load(snap_compare):
+    def load(progress):
+        raise ModelLoadError("no model in /nowhere; pass --model with a transformers folder or a .gguf file")
+
+    async def run_before(pilot) -> None:
+        await wait_until(pilot, lambda: notifications(pilot.app))
+
+    assert snap_compare(ChatApp(load, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
