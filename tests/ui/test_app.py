@@ -303,3 +303,17 @@ async def test_quit_during_a_reply_stops_it_and_keeps_the_session_consistent(lon
         await wait_until(pilot, lambda: not app.is_running)
     assert conversation.session.last_turn.finish_reason == "cancelled"
     assert_kv_agrees_with_transcript(conversation.session)
+
+
+@pytest.mark.bundled
+async def test_chat_on_the_bundled_model_is_exact_and_reuses_the_history(bundled_runtime):
+    async with chat_app(bundled_runtime).run_test(size=SIZE) as pilot:
+        conversation = await say(pilot, "What is the capital of France?")
+        await say(pilot, "And of Italy?")
+        first, second = conversation.turns
+        assert second.reused_session_tokens >= first.prompt_tokens  # the whole first turn, reply included
+        session = conversation.session
+        prompt = session.rt.template.render(session.transcript[:-1])
+        assert session.messages[-1].token_ids == reference_reply(session.rt.lm, prompt, 24, use_cache=True)
+        assert bubbles(conversation) == transcript(conversation)
+        assert turn_rows(pilot.app.screen)[1][2] == str(second.reused_tokens)
