@@ -80,12 +80,23 @@ class TierConfig(_Section):
     """A process holds a session for this long after its last turn began; then another process may take it."""
 
 
+class MetricsConfig(_Section):
+    enabled: bool = False
+    """Serve Prometheus metrics over HTTP at http://host:port/metrics."""
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+    """0 picks a free port (the runtime's `metrics.port` says which)."""
+    publish_s: float = Field(5.0, ge=0.0)
+    """With Redis, how often this process writes its RuntimeStats there for `chatrt stats --redis` (0: never)."""
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     prefix: PrefixConfig = PrefixConfig()
     session: SessionConfig = SessionConfig()
     tiers: TierConfig = TierConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:

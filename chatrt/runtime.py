@@ -5,17 +5,22 @@ This is what bots import; `from_config` loads everything a config names.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
 from chatrt.config import Config
 from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
+from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
 from chatrt.prefix import PrefixStore
 from chatrt.session import Session
-from chatrt.stats import Recorder, RuntimeStats
+from chatrt.stats import Recorder, RuntimeStats, TurnStats
 from chatrt.store import RedisStore, SessionRecord
 from chatrt.template import ChatTemplate, Message
 from chatrt.tiers import Tiers
@@ -39,9 +44,15 @@ class ChatRuntime:
             max_bytes=self.config.prefix.max_bytes,
             on_evict=self.tiers.spill_prefix,
         )
-        self.recorder = Recorder()
+        self.metrics = Metrics(self.stats)
+        self.recorder = Recorder(on_turn=self._turn_done)
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        """This process's name in the stats it publishes to Redis."""
+        self._published = 0.0
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        if self.config.metrics.enabled:
+            self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
 
     @classmethod
     def from_config(cls, config: Config | str | Path | None = None, progress: Progress = lambda _: None) -> ChatRuntime:
@@ -109,6 +120,7 @@ class ChatRuntime:
         sessions = self.sessions()
         counters = self.prefixes.counters
         return RuntimeStats(
+            instance=self.instance,
             **totals.model_dump(exclude={"reused_tokens", "hit_rate"}),
             sessions_open=len(sessions),
             sessions_closed=closed,
@@ -122,6 +134,16 @@ class ChatRuntime:
             tier_counters=self.tiers.counters.model_copy(),
         )
 
+    def publish_stats(self) -> None:
+        """Write this process's stats to Redis for `chatrt stats --redis`; they expire after three periods."""
+        if self.store is None:
+            return
+        self._published = time.monotonic()
+        try:
+            self.store.put_runtime_stats(self.instance, self.stats(), ttl_s=max(3 * self.config.metrics.publish_s, 30))
+        except StoreUnavailable:
+            self.tiers.count(redis_errors=1)
+
     def close(self) -> None:
         """Free all of this process's memory. Sessions are not closed for good: with Redis configured they stay
         there with their KV (until their TTL) for another process to resume; without Redis they are gone."""
@@ -129,7 +151,10 @@ class ChatRuntime:
             session.detach()
         self.tiers.clear()
         self.prefixes.clear()
+        self.metrics.close()
         if self.store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                self.store.delete_runtime_stats(self.instance)
             self.store.close()
 
     def __enter__(self) -> ChatRuntime:
@@ -137,6 +162,12 @@ class ChatRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _turn_done(self, turn: TurnStats) -> None:
+        self.metrics.observe(turn)
+        period = self.config.metrics.publish_s
+        if period and time.monotonic() - self._published >= period:
+            self.publish_stats()
 
     def _forget(self, session: Session, *, closed: bool = True) -> None:
         with self._lock:

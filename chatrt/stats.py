@@ -6,6 +6,7 @@ Reuse is counted token by token: prompt = reused (session + prefix) + prefilled,
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from pydantic import BaseModel, computed_field
 
@@ -92,6 +93,8 @@ class TierCounters(BaseModel):
 
 
 class RuntimeStats(TokenTotals):
+    instance: str = ""
+    """The process: host-pid-random."""
     sessions_open: int
     sessions_closed: int
     kv_bytes: int
@@ -105,17 +108,37 @@ class RuntimeStats(TokenTotals):
     tier_counters: TierCounters
 
 
+class DeploymentStats(BaseModel):
+    """Every process sharing one Redis, as `chatrt stats --redis` shows it."""
+
+    runtimes: dict[str, RuntimeStats]
+    """The stats each live process last published, by instance (host-pid-random)."""
+    sessions: int
+    """Session transcripts in Redis."""
+    sessions_with_kv: int
+    kv_bytes: int
+    prefixes: int
+    prefix_bytes: int
+
+    def total(self) -> TokenTotals:
+        """Token counts summed over the processes."""
+        fields = ("turns", *(f for f in TokenCounts.model_fields))
+        return TokenTotals(**{f: sum(getattr(s, f) for s in self.runtimes.values()) for f in fields})
+
+
 class Recorder:
     """Runtime-wide totals, safe to update from many threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_turn: Callable[[TurnStats], None] = lambda _: None) -> None:
         self.totals = TokenTotals()
         self.sessions_closed = 0
+        self.on_turn = on_turn
         self._lock = threading.Lock()
 
     def record(self, t: TurnStats) -> None:
         with self._lock:
             self.totals.add(t)
+        self.on_turn(t)
 
     def closed(self) -> None:
         with self._lock:

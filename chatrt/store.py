@@ -21,6 +21,7 @@ from redis.lock import Lock
 
 from chatrt.errors import SessionLeased, StoreUnavailable
 from chatrt.kv import KVMeta
+from chatrt.stats import DeploymentStats, RuntimeStats
 from chatrt.template import Message
 
 RECORD_VERSION = 1
@@ -48,6 +49,10 @@ def session_key(session_id: str, part: str) -> str:
 
 def prefix_key(digest: str, part: str) -> str:
     return f"chatrt:prefix:{{{digest}}}:{part}"
+
+
+def runtime_key(instance: str) -> str:
+    return f"chatrt:runtime:{instance}"
 
 
 class RedisStore:
@@ -132,6 +137,36 @@ class RedisStore:
                 pipe.set(prefix_key(digest, f"kv:{n}"), chunk, ex=self.ttl_s)
             pipe.set(prefix_key(digest, "meta"), meta.model_dump_json(), ex=self.ttl_s)
             pipe.execute()
+
+    # -- operators -------------------------------------------------------------------------------
+
+    def put_runtime_stats(self, instance: str, stats: RuntimeStats, ttl_s: float) -> None:
+        """This process's stats for `chatrt stats --redis`; they expire unless published again."""
+        with _failures("publish runtime stats"):
+            self.client.set(runtime_key(instance), stats.model_dump_json(), px=max(1, int(ttl_s * 1000)))
+
+    def delete_runtime_stats(self, instance: str) -> None:
+        with _failures("remove runtime stats"):
+            self.client.delete(runtime_key(instance))
+
+    def deployment(self) -> DeploymentStats:
+        """What every process using this Redis last published, and what Redis holds: sessions, KV, prefixes."""
+        with _failures("read the deployment's stats"):
+            runtimes = {s.instance: s for s in self._all(RuntimeStats, runtime_key("*"))}
+            records = self._all(SessionRecord, session_key("*", "meta"))
+            prefix_metas = self._all(KVMeta, prefix_key("*", "meta"))
+        return DeploymentStats(
+            runtimes=runtimes,
+            sessions=len(records),
+            sessions_with_kv=sum(r.kv is not None for r in records),
+            kv_bytes=sum(r.kv.nbytes for r in records if r.kv is not None),
+            prefixes=len(prefix_metas),
+            prefix_bytes=sum(p.nbytes for p in prefix_metas),
+        )
+
+    def _all(self, model: type[M], pattern: str) -> list[M]:
+        keys = list(self.client.scan_iter(match=pattern, count=1000))
+        return [m for raw in (self.client.mget(keys) if keys else []) if (m := _parse(model, raw)) is not None]
 
     def ping(self) -> None:
         with _failures("reach Redis"):

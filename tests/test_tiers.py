@@ -142,7 +142,8 @@ def test_closing_frees_every_tier_and_every_key(tiny_lm, redis_url, redis_client
         assert all(u.bytes == 0 and u.sessions == 0 for u in stats.tiers.values())
         assert stats.kv_bytes == 0 and stats.sessions_open == 0 and stats.sessions_closed == 200
         assert [ref() for ref in alive] == [None] * len(alive)
-        assert redis_client.keys("chatrt:*") == []
+        assert redis_client.keys("chatrt:*") == [f"chatrt:runtime:{rt.instance}".encode()]  # only its own stats
+    assert redis_client.keys("chatrt:*") == []
 
 
 def test_a_session_resumes_in_another_runtime_with_its_kv(tiny_lm, redis_url, redis_client):

@@ -1,0 +1,118 @@
+"""Prometheus metrics of one runtime: tokens by source, TTFT and decode histograms, tiers and cache moves.
+
+Counters and gauges are read from `RuntimeStats` at scrape time, so they can never disagree with `rt.stats()`;
+only the histograms observe each turn as it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from chatrt.errors import ConfigError
+from chatrt.stats import RuntimeStats, TierCounters, TurnStats
+
+PREFIX = "chatrt"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DECODE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# What each TierCounters field means as a metric (the field docs say more).
+MOVES = {
+    "promotions": "Caches brought back up to the device",
+    "demotions": "Caches moved one tier down",
+    "restores": "Caches restored from a lower tier instead of recomputed",
+    "recomputes": "Caches on a lower tier recomputed instead (cheaper, or rejected)",
+    "drops": "Caches evicted off the bottom of the ladder (transcripts stay)",
+    "rejected": "Stored caches refused: another model's, a bad checksum, missing chunks",
+    "redis_errors": "Redis calls that failed (the turn went on without Redis)",
+    "prefix_spills": "Evicted prefixes written to Redis",
+    "prefix_restores": "Prefixes loaded from Redis instead of computed",
+}
+
+
+class Metrics:
+    """One registry per runtime (two runtimes in a process never mix their numbers)."""
+
+    def __init__(self, stats: Callable[[], RuntimeStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            f"{PREFIX}_ttft_seconds", "Time to first token, lookups and restores included", buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.decode = Histogram(
+            f"{PREFIX}_decode_tokens_per_second", "Decode speed of each turn", buckets=DECODE_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_StatsCollector(stats))
+        self.port: int | None = None
+        self._server: WSGIServer | None = None
+
+    def observe(self, turn: TurnStats) -> None:
+        self.ttft.observe(turn.ttft_s)
+        if turn.decode_tokens_per_s > 0:
+            self.decode.observe(turn.decode_tokens_per_s)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format, as the endpoint serves them."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on a daemon thread; returns the port (useful with port 0)."""
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            problem = f"metrics: cannot listen on {host}:{port} ({e})"
+            raise ConfigError(f"{problem}; change [metrics] port or disable it") from None
+        self.port = self._server.server_port
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Callable[[], RuntimeStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        yield _counter("turns", "Turns answered", s.turns)
+        yield _counter("prompt_tokens", "Prompt tokens of all turns (reused + prefilled)", s.prompt_tokens)
+        reused = CounterMetricFamily(f"{PREFIX}_reused_tokens", "Prompt tokens served from a cache", labels=["source"])
+        reused.add_metric(["session"], s.reused_session_tokens)
+        reused.add_metric(["prefix"], s.reused_prefix_tokens)
+        yield reused
+        yield _counter("prefilled_tokens", "Prompt tokens computed", s.prefilled_tokens)
+        yield _counter("generated_tokens", "Tokens generated", s.generated_tokens)
+        yield GaugeMetricFamily(f"{PREFIX}_hit_rate", "Reused / prompt tokens since start", value=s.hit_rate)
+        yield GaugeMetricFamily(f"{PREFIX}_sessions_open", "Open sessions", value=s.sessions_open)
+        yield _counter("sessions_closed", "Sessions closed", s.sessions_closed)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_bytes", "Bytes of session caches in memory", value=s.kv_bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_prefix_entries", "Shared prefixes held", value=s.prefix_entries)
+        yield GaugeMetricFamily(f"{PREFIX}_prefix_bytes", "Bytes of shared prefixes", value=s.prefix_bytes)
+        yield _counter("prefix_hits", "Sessions that found their prefix computed", s.prefix_hits)
+        yield _counter("prefix_misses", "Prefixes computed", s.prefix_misses)
+        yield _counter("prefix_evictions", "Prefixes evicted", s.prefix_evictions)
+        tiers = {
+            "bytes": GaugeMetricFamily(f"{PREFIX}_tier_bytes", "Cache bytes per tier", labels=["tier"]),
+            "sessions": GaugeMetricFamily(f"{PREFIX}_tier_sessions", "Session caches per tier", labels=["tier"]),
+            "budget_bytes": GaugeMetricFamily(f"{PREFIX}_tier_budget_bytes", "Byte budget per tier", labels=["tier"]),
+        }
+        for tier, usage in s.tiers.items():
+            for field, family in tiers.items():
+                family.add_metric([tier], getattr(usage, field))
+        yield from tiers.values()
+        counters: TierCounters = s.tier_counters
+        for field, help in MOVES.items():
+            yield _counter(field, help, getattr(counters, field))
+        yield _counter("restore_seconds", "Time spent restoring caches from lower tiers", counters.restore_s)
+
+
+def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", help, value=value)
