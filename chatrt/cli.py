@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from chatrt import bench
+from chatrt import bench, metrics
 from chatrt.config import Config
-from chatrt.errors import ChatrtError
+from chatrt.errors import ChatrtError, MetricsUnavailable
 from chatrt.runtime import ChatRuntime
-from chatrt.stats import RuntimeStats
+from chatrt.stats import DeploymentStats, RuntimeStats
+from chatrt.store import RedisStore
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ChatrtError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
     except KeyboardInterrupt:
         return 130
@@ -66,7 +69,15 @@ def _parser() -> argparse.ArgumentParser:
         help="history length for the Redis restore vs recompute measurement (0 skips it)",
     )
     b.add_argument("--out", default="bench-out", help="folder for report.json")
-    command("stats", _stats, "run a short demo conversation and print the runtime's cache statistics")
+    stats = command(
+        "stats",
+        _stats,
+        "print a runtime's cache statistics: a running one's metrics endpoint, a Redis-backed deployment, "
+        "or (with neither) a short demo run here",
+    )
+    source = stats.add_mutually_exclusive_group()
+    source.add_argument("--metrics-url", help="a running runtime's endpoint, e.g. http://127.0.0.1:9464/metrics")
+    source.add_argument("--redis", help="the Redis URL a deployment shares: every process's stats and what it holds")
     command("info", _info, "print the model, its fingerprint and the configuration")
     return p
 
@@ -111,7 +122,7 @@ def _plain_chat(args: argparse.Namespace) -> int:
                 for piece in pieces:
                     console.print(piece, end="", markup=False, highlight=False)
             except ChatrtError as e:  # a bad message is the user's to fix; the chat goes on
-                err.print(f"[red]{e}[/red]")
+                err.print(f"[red]{escape(str(e))}[/red]")
                 continue
             except KeyboardInterrupt:
                 console.print("\n[yellow]stopped: this turn was not kept[/yellow]")
@@ -185,6 +196,12 @@ def _bench_table(report: bench.Report) -> Table:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    if args.metrics_url:
+        print_stats(metrics.parse(_fetch(args.metrics_url)))
+        return 0
+    if args.redis:
+        print_deployment(_deployment(args.redis))
+        return 0
     config = _config(args)
     if not config.tiers.device_sessions:  # room for one idle session on the device, so the demo moves caches
         config = config.with_values(tiers={"device_sessions": 1})
@@ -207,6 +224,44 @@ def print_stats(stats: RuntimeStats) -> None:
     for key, value in stats.tier_counters.model_dump().items():
         table.add_row(key.replace("_", " "), _shown(key, value))
     console.print(table)
+
+
+def print_deployment(d: DeploymentStats) -> None:
+    table = Table(title=f"chatrt deployment · {len(d.runtimes)} live processes")
+    for col in ("process", "turns", "hit rate", "prompt", "reused", "prefilled", "open", "device", "host"):
+        table.add_column(col, justify="right")
+    rows = [(name, s, s.tiers) for name, s in sorted(d.runtimes.items())]
+    for name, s, tiers in rows:
+        table.add_row(
+            name, f"{s.turns:,}", f"{s.hit_rate:.1%}", f"{s.prompt_tokens:,}", f"{s.reused_tokens:,}",
+            f"{s.prefilled_tokens:,}", f"{s.sessions_open:,}",
+            *(_mib(tiers[t].bytes) if t in tiers else "-" for t in ("device", "host")),
+        )  # fmt: skip
+    t = d.total()
+    table.add_row("all", f"{t.turns:,}", f"{t.hit_rate:.1%}", f"{t.prompt_tokens:,}", f"{t.reused_tokens:,}",
+                  f"{t.prefilled_tokens:,}", "", "", "", style="bold")  # fmt: skip
+    table.caption = (
+        f"Redis holds {d.sessions:,} sessions ({d.sessions_with_kv:,} with KV, {_mib(d.kv_bytes)}) "
+        f"and {d.prefixes:,} prefixes ({_mib(d.prefix_bytes)})"
+    )
+    console.print(table)
+
+
+def _fetch(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+    except (OSError, ValueError) as e:
+        hint = "is the runtime running with [metrics] enabled?"
+        raise MetricsUnavailable(f"could not read metrics from {url}: {e}; {hint}") from None
+
+
+def _deployment(url: str) -> DeploymentStats:
+    store = RedisStore(url, ttl_s=1, lease_s=1)
+    try:
+        return store.deployment()
+    finally:
+        store.close()
 
 
 def _shown(key: str, value: object) -> str:

@@ -54,3 +54,7 @@ class CacheRejected(ChatrtError):
 
 class StoreUnavailable(ChatrtError):
     """Redis could not be reached or answered with an error."""
+
+
+class MetricsUnavailable(ChatrtError):
+    """A runtime's metrics endpoint could not be read."""

@@ -11,10 +11,11 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from chatrt.errors import ConfigError
-from chatrt.stats import RuntimeStats, TierCounters, TurnStats
+from chatrt.stats import RuntimeStats, TierCounters, TierUsage, TurnStats
 
 PREFIX = "chatrt"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -116,3 +117,43 @@ class _StatsCollector(Collector):
 
 def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{PREFIX}_{name}", help, value=value)
+
+
+def parse(text: str) -> RuntimeStats:
+    """RuntimeStats back from a scrape of the endpoint (what `chatrt stats --metrics-url` prints)."""
+    samples = {
+        (s.name.removeprefix(f"{PREFIX}_"), tuple(s.labels.values())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def get(name: str, *labels: str) -> int:
+        return int(samples.get((name, labels), 0))
+
+    tiers = sorted({labels[0] for name, labels in samples if name == "tier_bytes"})
+    return RuntimeStats(
+        turns=get("turns_total"),
+        prompt_tokens=get("prompt_tokens_total"),
+        reused_session_tokens=get("reused_tokens_total", "session"),
+        reused_prefix_tokens=get("reused_tokens_total", "prefix"),
+        prefilled_tokens=get("prefilled_tokens_total"),
+        generated_tokens=get("generated_tokens_total"),
+        sessions_open=get("sessions_open"),
+        sessions_closed=get("sessions_closed_total"),
+        kv_bytes=get("kv_bytes"),
+        prefix_entries=get("prefix_entries"),
+        prefix_bytes=get("prefix_bytes"),
+        prefix_hits=get("prefix_hits_total"),
+        prefix_misses=get("prefix_misses_total"),
+        prefix_evictions=get("prefix_evictions_total"),
+        tiers={
+            t: TierUsage(
+                sessions=get("tier_sessions", t), bytes=get("tier_bytes", t), budget_bytes=get("tier_budget_bytes", t)
+            )
+            for t in tiers
+        },
+        tier_counters=TierCounters(
+            **{field: get(f"{field}_total") for field in MOVES},
+            restore_s=samples.get(("restore_seconds_total", ()), 0.0),
+        ),
+    )

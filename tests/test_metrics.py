@@ -8,7 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatrt import ChatRuntime, Config, ConfigError
+from chatrt import ChatRuntime, Config, ConfigError, cli, metrics
+from chatrt.cli import main
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -104,3 +105,39 @@ def test_runtimes_publish_their_stats_to_redis(tiny_lm, redis_url, redis_client)
         assert gone.sessions == 3 and gone.sessions_with_kv == 3 and gone.kv_bytes > 0  # detached: kept for resume
     finally:
         after.close()
+
+
+def test_a_scrape_parses_back_into_the_runtimes_stats(served):
+    for s in [served.open_session(system_prompt="Be brief.") for _ in range(2)]:
+        s.send("Hello")
+        s.send("More")
+    stats = served.stats()
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics.port}/metrics", timeout=10) as response:
+        parsed = metrics.parse(response.read().decode())
+    assert parsed == stats.model_copy(update={"instance": ""})
+
+
+def test_chatrt_stats_reads_a_running_runtime_and_a_deployment(
+    served, tiny_lm, redis_url, redis_client, capsys, monkeypatch
+):
+    monkeypatch.setattr(cli.console, "width", 200)  # wide enough that a process name is not wrapped
+    served.open_session().send("Hello")
+    assert main(["stats", "--metrics-url", f"http://127.0.0.1:{served.metrics.port}/metrics"]) == 0
+    out = capsys.readouterr().out
+    assert "hit rate" in out and "device tier" in out and "demotions" in out
+    config = Config().with_values(generation={"max_new_tokens": 4}, tiers={"redis_url": redis_url})
+    with ChatRuntime(tiny_lm, config) as rt:
+        rt.open_session().send("Hi")
+        assert main(["stats", "--redis", redis_url]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "1 live processes" in out and rt.instance in out and "Redis holds 1 sessions (0 with KV" in out
+    )  # its KV is on the device
+
+
+def test_chatrt_stats_says_what_is_wrong_with_an_endpoint(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["stats", "--metrics-url", f"http://127.0.0.1:{port}/metrics"]) == 2
+    assert "[metrics] enabled" in capsys.readouterr().err
