@@ -6,31 +6,39 @@ prompts and times compare turn by turn within one run.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatrt.config import Config
 from chatrt.cost import Action
 from chatrt.engine import compute_kv
+from chatrt.errors import ConfigError
 from chatrt.model import LoadedModel
 from chatrt.runtime import ChatRuntime
-from chatrt.stats import TokenCounts, TurnStats
+from chatrt.stats import TierCounters, TokenCounts, TurnStats
 from chatrt.store import redis_server
 
-Mode = Literal["recompute", "prefix", "session", "full"]
+Mode = Literal["recompute", "prefix", "session", "full", "pressure", "pressure-redis"]
 MODES: dict[str, dict[str, dict[str, bool]]] = {
     "recompute": {"prefix": {"enabled": False}, "session": {"reuse": False}},
     "prefix": {"prefix": {"enabled": True}, "session": {"reuse": False}},
     "session": {"prefix": {"enabled": False}, "session": {"reuse": True}},
     "full": {"prefix": {"enabled": True}, "session": {"reuse": True}},
+    # full, with a device tier too small for the sessions: caches move down the ladder between their turns
+    "pressure": {"prefix": {"enabled": True}, "session": {"reuse": True}},
+    "pressure-redis": {"prefix": {"enabled": True}, "session": {"reuse": True}},
 }
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "bench"
 # The workload reads like a support desk: a policy system prompt and real questions, so the model
 # answers at a natural length (random words make it refuse in a few tokens, which no user does).
 _POLICY = (
@@ -67,15 +75,43 @@ _QUESTIONS = (
 class Workload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    name: str = "custom"
+    """The preset it came from, for the report."""
     sessions: int = Field(4, ge=1)
-    turns: int = Field(8, ge=1)
+    turns: int = Field(10, ge=1)
     system_words: int = Field(300, ge=0)
     """Words of the system prompt every session shares (0: the template's default)."""
-    user_words: int = Field(12, ge=1)
-    """Questions shorter than this get a sentence of context appended."""
+    user_words: int = Field(1, ge=1)
+    """Questions shorter than this get a sentence of context appended (1: the bare questions)."""
     max_new_tokens: int = Field(128, ge=1)
+    interleave: bool = True
+    """Every session takes turn t before any takes turn t + 1 (False: one session's turns after another's)."""
     seed: int = 0
-    modes: tuple[Mode, ...] = ("recompute", "full")
+    modes: tuple[Mode, ...] = ("recompute", "prefix", "session", "full", "pressure", "pressure-redis")
+    device_sessions: int = Field(0, ge=0)
+    """Session caches the device tier holds in the pressure modes (0: half the sessions, at least one)."""
+    host_sessions: int = Field(1, ge=0)
+    """Session caches the host tier holds in the pressure modes."""
+
+    def pressure_tiers(self, redis_url: str) -> dict[str, object]:
+        tiers: dict[str, object] = {
+            "device_sessions": self.device_sessions or max(1, self.sessions // 2),
+            "host_sessions": self.host_sessions,
+            "redis_url": redis_url,
+        }
+        return tiers if self.host_sessions else {**tiers, "host_bytes": 0}  # no host tier at all
+
+
+def load_preset(name: str) -> Workload:
+    """A preset by name (`configs/bench/<name>.toml`) or a path to a TOML file of Workload fields."""
+    path = Path(name) if name.endswith(".toml") else PRESETS / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError(f"no bench preset {name!r}; use one of {known} or a .toml file")
+    try:
+        return Workload.model_validate({"name": path.stem, **tomllib.loads(path.read_text())})
+    except (tomllib.TOMLDecodeError, ValidationError) as e:
+        raise ConfigError(f"bench preset {path}: {e}") from None
 
 
 class ModeResult(TokenCounts):
@@ -90,6 +126,12 @@ class ModeResult(TokenCounts):
     """Median over turns."""
     longest_turn_decode_tokens_per_s: float
     """On the turn with the longest prompt: compare with `Report.reference_decode_tokens_per_s`."""
+    ttft_by_turn_s: list[float]
+    """Median TTFT over the sessions at each turn number (the plot's line)."""
+    peak_tier_bytes: dict[str, int]
+    """The most each tier held after any turn."""
+    tier_counters: TierCounters
+    """Promotions, demotions, restores, recomputes and drops over the run."""
 
 
 class RestoreResult(BaseModel):
@@ -127,7 +169,11 @@ class Report(BaseModel):
         return next(r for r in self.results if r.mode == mode)
 
     def speedup(self, mode: str, baseline: str = "recompute") -> float:
+        """Last-turn TTFT of `baseline` over that of `mode` (the longest histories, measured in this run)."""
         return self.result(baseline).last_turn_ttft_s / self.result(mode).last_turn_ttft_s
+
+    def median_speedup(self, mode: str, baseline: str = "recompute") -> float:
+        return self.result(baseline).ttft_median_s / self.result(mode).ttft_median_s
 
 
 def conversations(w: Workload) -> tuple[str | None, list[list[str]]]:
@@ -159,11 +205,25 @@ def _question(rng: random.Random, words: int) -> str:
 def run(
     lm: LoadedModel, config: Config, w: Workload, progress: Callable[[str, int, int], None] = lambda *_: None
 ) -> Report:
-    system, users = conversations(w)
-    results, replies = [], {}
-    for mode in w.modes:
-        result, replies[mode], longest = _run_mode(lm, config, w, mode, system, users, progress)
-        results.append(result)
+    """Every mode of the workload, one after another; `pressure-redis` uses the configured Redis, else a private
+    redis-server started for the run."""
+    with contextlib.ExitStack() as stack:
+        redis_url = config.tiers.redis_url
+        if "pressure-redis" in w.modes and not redis_url:
+            redis_url = stack.enter_context(redis_server())
+        system, users = conversations(w)
+        results, replies = [], {}
+        for mode in w.modes:
+            tiers = (
+                w.pressure_tiers(redis_url if mode == "pressure-redis" else "") if mode.startswith("pressure") else {}
+            )
+            mode_config = config.with_values(
+                **MODES[mode],
+                generation={"max_new_tokens": w.max_new_tokens, "temperature": 0.0},
+                tiers={"redis_url": "", **tiers},  # only pressure-redis writes to Redis
+            )
+            result, replies[mode], longest = _run_mode(lm, mode_config, w, mode, system, users, progress)
+            results.append(result)
     first = next(iter(replies.values()))
     return Report(
         model=lm.info.name,
@@ -186,24 +246,26 @@ def _run_mode(
     users: list[list[str]],
     progress: Callable[[str, int, int], None],
 ) -> tuple[ModeResult, list[tuple[int, ...]], list[int]]:
-    """Returns the mode's result, every reply's ids in order, and the prompt of the longest last turn."""
-    config = config.with_values(**MODES[mode], generation={"max_new_tokens": w.max_new_tokens, "temperature": 0.0})
+    """Returns the mode's result, every reply's ids (by session, then turn), and the longest last prompt."""
+    by_turn: list[list[float]] = [[] for _ in range(w.turns)]
     turns: list[TurnStats] = []
-    last: list[float] = []
-    replies: list[tuple[int, ...]] = []
-    total = w.sessions * w.turns
+    replies: dict[tuple[int, int], tuple[int, ...]] = {}
+    peaks: dict[str, int] = {}
+    order = [(s, t) for t in range(w.turns) for s in range(w.sessions)]
+    if not w.interleave:
+        order.sort()
     _warm_up(lm)
     with ChatRuntime(lm, config) as rt:
         sessions = [rt.open_session(system_prompt=system) for _ in range(w.sessions)]
         t0 = time.perf_counter()
-        for t in range(w.turns):  # interleaved: every session takes turn t before any takes turn t + 1
-            for s, messages in zip(sessions, users, strict=True):
-                reply = s.send(messages[t])
-                turns.append(reply.stats)
-                replies.append(reply.token_ids)
-                if t == w.turns - 1:
-                    last.append(reply.stats.ttft_s)
-                progress(mode, len(turns), total)
+        for s, t in order:
+            reply = sessions[s].send(users[s][t])
+            turns.append(reply.stats)
+            replies[s, t] = reply.token_ids
+            by_turn[t].append(reply.stats.ttft_s)
+            for tier, usage in rt.stats().tiers.items():
+                peaks[tier] = max(peaks.get(tier, 0), usage.bytes)
+            progress(mode, len(turns), len(order))
         wall = time.perf_counter() - t0
         totals = rt.stats()
         longest = max((rt.template.render(s.transcript[:-1]) for s in sessions), key=len)
@@ -217,11 +279,14 @@ def _run_mode(
             **totals.model_dump(include=set(TokenCounts.model_fields)),
             ttft_median_s=statistics.median(ttfts),
             ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-            last_turn_ttft_s=statistics.median(last),
+            last_turn_ttft_s=statistics.median(by_turn[-1]),
             decode_tokens_per_s=statistics.median(decode) if decode else 0.0,
             longest_turn_decode_tokens_per_s=max(turns, key=lambda t: t.prompt_tokens).decode_tokens_per_s,
+            ttft_by_turn_s=[statistics.median(x) for x in by_turn],
+            peak_tier_bytes=peaks,
+            tier_counters=totals.tier_counters,
         ),
-        replies,
+        [replies[key] for key in sorted(replies)],
         longest,
     )
 

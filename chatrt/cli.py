@@ -11,15 +11,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from chatrt import bench, metrics
+from chatrt import bench, bench_plot, metrics
 from chatrt.config import Config
-from chatrt.errors import ChatrtError, MetricsUnavailable
+from chatrt.errors import ChatrtError, ConfigError, MetricsUnavailable
 from chatrt.runtime import ChatRuntime
 from chatrt.stats import DeploymentStats, RuntimeStats
 from chatrt.store import RedisStore
@@ -58,17 +59,19 @@ def _parser() -> argparse.ArgumentParser:
         "--plain", action="store_true", help="a line-by-line chat instead of the UI (the default when stdin is a pipe)"
     )
     b = command("bench", _bench, "run the multi-session workload in several reuse modes and report")
+    b.add_argument("--preset", default="default", help="configs/bench/<NAME>.toml or a .toml file (default: default)")
     for field, info in bench.Workload.model_fields.items():
-        if field != "modes":
-            b.add_argument(f"--{field.replace('_', '-')}", type=int, default=info.default)
-    b.add_argument("--modes", default="recompute,full", help="comma-separated: recompute, prefix, session, full")
+        if info.annotation is int:  # the preset's value unless given
+            b.add_argument(f"--{field.replace('_', '-')}", type=int, help=info.description)
+    b.add_argument("--interleave", action=argparse.BooleanOptionalAction, help="interleave the sessions' turns")
+    b.add_argument("--modes", help=f"comma-separated, of: {', '.join(bench.MODES)}")
     b.add_argument(
         "--restore-tokens",
         type=int,
         default=2000,
         help="history length for the Redis restore vs recompute measurement (0 skips it)",
     )
-    b.add_argument("--out", default="bench-out", help="folder for report.json")
+    b.add_argument("--out", default="bench-out", help="folder for report.json and ttft.png")
     stats = command(
         "stats",
         _stats,
@@ -137,8 +140,16 @@ def _plain_chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    fields = {f: getattr(args, f) for f in bench.Workload.model_fields if f != "modes"}
-    workload = bench.Workload(**fields, modes=tuple(m.strip() for m in args.modes.split(",")))
+    preset = bench.load_preset(args.preset)
+    given = {f: getattr(args, f) for f in bench.Workload.model_fields if getattr(args, f, None) is not None}
+    if args.modes:
+        given["modes"] = tuple(m.strip() for m in args.modes.split(","))
+    try:
+        changed = {k for k in given if k != "modes"}
+        name = f"{preset.name} with {', '.join(sorted(changed))} changed" if changed else preset.name
+        workload = bench.Workload.model_validate({**preset.model_dump(), **given, "name": name})
+    except ValidationError as e:
+        raise ConfigError(f"bench: {e}") from None
     rt = _runtime(args)
     total = workload.sessions * workload.turns
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
@@ -150,6 +161,9 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.model_dump_json(indent=2))
+    bench_plot.ttft_by_turn(report, out / "ttft.png")
+    if not console.is_terminal:  # a log file gets the whole table, not one squeezed to 80 columns
+        console.width = max(console.width, 150)
     console.print(_bench_table(report))
     if r := report.restore:
         console.print(
@@ -158,39 +172,34 @@ def _bench(args: argparse.Namespace) -> int:
             f"(estimates {r.estimated_restore_s * 1000:.0f} / {r.estimated_recompute_s * 1000:.0f} ms)"
             f"{'' if r.chose_faster else ', not the faster one'}"
         )
-    console.print(f"report: {out / 'report.json'}")
+    console.print(f"report: {out / 'report.json'} · plot: {out / 'ttft.png'}")
     return 0
 
 
 def _bench_table(report: bench.Report) -> Table:
     w = report.workload
     table = Table(
-        title=f"{report.model} · {report.dtype} · {report.device} · {w.sessions} sessions × {w.turns} turns · "
-        f"last prompt {report.last_turn_prompt_tokens} tokens · replies identical: {report.replies_identical}"
+        title=f"{report.model} · {report.dtype} · {report.device} · preset {w.name}: {w.sessions} sessions × "
+        f"{w.turns} turns · last prompt {report.last_turn_prompt_tokens} tokens · "
+        f"replies identical in every mode: {report.replies_identical}"
     )
-    for col in (
-        "mode",
-        "hit rate",
-        "prefilled",
-        "reused",
-        "TTFT median",
-        "TTFT p95",
-        "last-turn TTFT",
-        "speed-up",
-        "decode tok/s",
-        "decode on longest prompt",
-        "wall",
-    ):
+    columns = ("mode", "hit rate", "prefilled", "TTFT median", "p95", "last turn", "speed-up", "decode tok/s",
+               "peak MiB device/host/redis", "restored/recomputed", "wall")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right")
+    baseline = "recompute" in w.modes
     for r in report.results:
-        speedup = f"{report.speedup(r.mode):.1f}×" if "recompute" in w.modes else "-"
+        peaks = "/".join(f"{r.peak_tier_bytes.get(t, 0) / 2**20:.1f}" for t in ("device", "host", "redis"))
+        c = r.tier_counters
         table.add_row(
-            r.mode, f"{r.hit_rate:.1%}", str(r.prefilled_tokens), str(r.reused_tokens),
+            r.mode, f"{r.hit_rate:.1%}", f"{r.prefilled_tokens:,}",
             f"{r.ttft_median_s * 1000:.0f} ms", f"{r.ttft_p95_s * 1000:.0f} ms", f"{r.last_turn_ttft_s * 1000:.0f} ms",
-            speedup, f"{r.decode_tokens_per_s:.1f}", f"{r.longest_turn_decode_tokens_per_s:.1f}", f"{r.wall_s:.1f} s",
+            f"{report.speedup(r.mode):.1f}×" if baseline else "-", f"{r.decode_tokens_per_s:.1f}", peaks,
+            f"{c.restores}/{c.recomputes + c.drops}", f"{r.wall_s:.0f} s",
         )  # fmt: skip
     table.caption = (
-        f"plain transformers greedy decode on the last prompt: {report.reference_decode_tokens_per_s:.1f} tok/s"
+        "speed-up: last-turn TTFT of recompute over the mode's, same run · plain transformers greedy decode on "
+        f"the last prompt: {report.reference_decode_tokens_per_s:.1f} tok/s"
     )
     return table
 

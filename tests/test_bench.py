@@ -2,7 +2,8 @@
 
 import pytest
 
-from chatrt import bench
+from chatrt import ConfigError, bench
+from chatrt.bench_plot import ttft_by_turn
 from chatrt.config import Config
 
 
@@ -14,13 +15,16 @@ def report(tiny_lm):
         system_words=40,
         user_words=5,
         max_new_tokens=6,
-        modes=("recompute", "prefix", "session", "full"),
+        modes=("recompute", "prefix", "session", "full", "pressure", "pressure-redis"),
+        device_sessions=1,
+        host_sessions=1,
     )
     return bench.run(tiny_lm, Config(), workload)
 
 
 def test_every_mode_gives_the_same_replies(report):
     assert report.replies_identical
+    assert [r.mode for r in report.results] == list(bench.MODES)
 
 
 def test_prompt_is_reused_plus_prefilled_in_every_turn(report):
@@ -30,7 +34,16 @@ def test_prompt_is_reused_plus_prefilled_in_every_turn(report):
             assert t.prompt_tokens == t.reused_session_tokens + t.reused_prefix_tokens + t.prefilled_tokens
         assert result.prompt_tokens == sum(t.prompt_tokens for t in result.turns)
         assert result.reused_tokens == sum(t.reused_tokens for t in result.turns)
+        assert result.prefilled_tokens == sum(t.prefilled_tokens for t in result.turns)
         assert result.hit_rate == pytest.approx(result.reused_tokens / result.prompt_tokens)
+
+
+def test_ttft_by_turn_is_the_median_over_sessions(report):
+    for result in report.results:
+        ttfts = [t.ttft_s for t in result.turns]  # interleaved: turn 1 of every session, then turn 2, ...
+        assert result.ttft_by_turn_s == [sorted(ttfts[i * 3 : i * 3 + 3])[1] for i in range(3)]
+        assert result.last_turn_ttft_s == result.ttft_by_turn_s[-1]
+        assert result.ttft_median_s == sorted(ttfts)[4]
 
 
 def test_modes_reuse_what_they_name(report):
@@ -39,15 +52,54 @@ def test_modes_reuse_what_they_name(report):
     assert all(t.reused_session_tokens == 0 for t in prefix.turns)
     assert all(t.reused_prefix_tokens == 0 for t in session.turns)
     # Same prompts in every mode: full reuse prefills least.
-    assert recompute.prompt_tokens == prefix.prompt_tokens == session.prompt_tokens == full.prompt_tokens
+    assert len({r.prompt_tokens for r in report.results}) == 1
     assert full.prefilled_tokens < min(prefix.prefilled_tokens, session.prefilled_tokens) < recompute.prefilled_tokens
     assert report.speedup("recompute") == 1.0
+    assert report.speedup("full") == recompute.last_turn_ttft_s / full.last_turn_ttft_s
+
+
+def test_under_pressure_caches_move_and_redis_keeps_what_would_be_dropped(report):
+    full, pressure, redis = (report.result(m) for m in ("full", "pressure", "pressure-redis"))
+    assert full.tier_counters.demotions == 0 and full.peak_tier_bytes["host"] == 0
+    # The device holds one session, the host one: the third is dropped without Redis, kept in Redis with it.
+    assert pressure.tier_counters.drops > 0 and pressure.peak_tier_bytes["redis"] == 0
+    assert pressure.peak_tier_bytes["device"] < full.peak_tier_bytes["device"]
+    assert redis.tier_counters.drops == 0 and redis.peak_tier_bytes["redis"] > 0
+    assert redis.tier_counters.restores + redis.tier_counters.recomputes > 0
+    assert pressure.prefilled_tokens > redis.prefilled_tokens >= full.prefilled_tokens
+
+
+def test_the_plot_is_a_png(report, tmp_path):
+    path = ttft_by_turn(report, tmp_path / "ttft.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_the_report_has_a_versioned_schema(report):
+    data = report.model_dump(mode="json")
+    assert data["version"] == bench.REPORT_VERSION == 2
+    assert bench.Report.model_validate_json(report.model_dump_json()) == report
 
 
 def test_workload_is_reproducible_from_its_seed():
-    w = bench.Workload(seed=3)
+    w = bench.Workload(seed=3, user_words=12)
     assert bench.conversations(w) == bench.conversations(w)
-    assert bench.conversations(w) != bench.conversations(bench.Workload(seed=4))
+    assert bench.conversations(w) != bench.conversations(bench.Workload(seed=4, user_words=12))
     system, users = bench.conversations(w)
     assert len(users) == w.sessions and all(len(u) == w.turns for u in users)
     assert 250 <= len(system.split()) <= 320
+
+
+def test_presets_load_by_name_and_a_bad_one_says_which_exist(tmp_path):
+    default = bench.load_preset("default")
+    assert (
+        default.name == "default"
+        and default.modes == tuple(bench.MODES)
+        and default == bench.Workload(name="default", device_sessions=2)
+    )
+    assert bench.load_preset("long").turns == 14
+    with pytest.raises(ConfigError, match="default, long, quick"):
+        bench.load_preset("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("sesions = 3\n")
+    with pytest.raises(ConfigError, match="sesions"):
+        bench.load_preset(str(bad))

@@ -25,11 +25,14 @@ def test_info_prints_the_model_and_its_fingerprint(capsys, bundled_lm):
     assert out["config"]["model"]["dtype"] == "float32"
 
 
-def test_bench_writes_a_report(tmp_path):
-    args = ["--sessions", "2", "--turns", "2", "--system-words", "30", "--user-words", "4", "--max-new-tokens", "4"]
+def test_bench_writes_a_report_and_a_plot(tmp_path):
+    args = ["--preset", "quick", "--turns", "2", "--max-new-tokens", "4", "--modes", "recompute,full,pressure-redis"]
     assert main(["bench", *args, "--restore-tokens", "300", "--out", str(tmp_path)]) == 0
     report = Report.model_validate_json((tmp_path / "report.json").read_text())
-    assert report.replies_identical and report.workload.sessions == 2
+    assert report.replies_identical and report.workload.sessions == 3 and report.workload.turns == 2
+    assert report.workload.name == "quick with max_new_tokens, turns changed"
+    assert [r.mode for r in report.results] == ["recompute", "full", "pressure-redis"]
+    assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
     assert report.restore.history_tokens >= 280 and report.restore.chose_faster
     assert report.result("full").hit_rate > report.result("recompute").hit_rate == 0.0
 
