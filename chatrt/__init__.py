@@ -3,16 +3,21 @@
 Bots import ChatRuntime; everything else is reachable from it.
 """
 
+from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
 from chatrt.config import Config
 from chatrt.errors import (
+    CacheRejected,
     ChatrtError,
     ConfigError,
     ContextLengthError,
     InvalidMessage,
+    MetricsUnavailable,
     ModelLoadError,
     SessionBusy,
     SessionClosed,
+    SessionLeased,
     SessionNotFound,
+    StoreUnavailable,
     TemplateError,
     TooManySessions,
 )
@@ -22,6 +27,9 @@ from chatrt.stats import RuntimeStats, SessionStats, TurnStats
 from chatrt.template import Message
 
 __all__ = [
+    "AsyncChatRuntime",
+    "AsyncSession",
+    "CacheRejected",
     "ChatRuntime",
     "ChatrtError",
     "Config",
@@ -29,14 +37,17 @@ __all__ = [
     "ContextLengthError",
     "InvalidMessage",
     "Message",
+    "MetricsUnavailable",
     "ModelLoadError",
     "Reply",
     "RuntimeStats",
     "Session",
     "SessionBusy",
     "SessionClosed",
+    "SessionLeased",
     "SessionNotFound",
     "SessionStats",
+    "StoreUnavailable",
     "TemplateError",
     "TooManySessions",
     "TurnStats",

@@ -58,6 +58,12 @@ class SessionConfig(_Section):
     reuse: bool = True
     """Keep each session's KV between turns (off: every turn prefills from the prefix or from zero)."""
     max_sessions: int = Field(1024, ge=1)
+    max_tokens: int = Field(0, ge=0)
+    """Most tokens a session's prompt plus reply may hold (0: the model's context window)."""
+    overflow: Literal["error", "drop_oldest"] = "error"
+    """A turn that would not fit: raise ContextLengthError, or drop the oldest turns from the transcript."""
+    on_busy: Literal["wait", "raise"] = "wait"
+    """A second turn on a session that is answering: wait for the first to end, or raise SessionBusy."""
 
 
 class TierConfig(_Section):

@@ -113,6 +113,9 @@ class _StatsCollector(Collector):
         for field, help in MOVES.items():
             yield _counter(field, help, getattr(counters, field))
         yield _counter("restore_seconds", "Time spent restoring caches from lower tiers", counters.restore_s)
+        if s.redis != "off":
+            yield GaugeMetricFamily(f"{PREFIX}_redis_up", "1 while Redis answers, 0 since a call failed",
+                                    value=int(s.redis == "ok"))  # fmt: skip
 
 
 def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
@@ -131,7 +134,9 @@ def parse(text: str) -> RuntimeStats:
         return int(samples.get((name, labels), 0))
 
     tiers = sorted({labels[0] for name, labels in samples if name == "tier_bytes"})
+    up = samples.get(("redis_up", ()))
     return RuntimeStats(
+        redis="off" if up is None else "ok" if up else "down",
         turns=get("turns_total"),
         prompt_tokens=get("prompt_tokens_total"),
         reused_session_tokens=get("reused_tokens_total", "session"),

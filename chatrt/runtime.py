@@ -132,6 +132,7 @@ class ChatRuntime:
             prefix_evictions=counters.evictions,
             tiers=self.tiers.usage(),
             tier_counters=self.tiers.counters.model_copy(),
+            redis="off" if self.store is None else "ok" if self.store.up else "down",
         )
 
     def publish_stats(self) -> None:

@@ -21,6 +21,7 @@ from chatrt.errors import (
     ConfigError,
     ContextLengthError,
     InvalidMessage,
+    SessionBusy,
     SessionClosed,
     SessionLeased,
     StoreUnavailable,
@@ -187,14 +188,13 @@ class Session:
                 started = time.perf_counter()
                 self._hold_lease()
                 history, user = plan(list(self.messages))
-                prompt = self.rt.template.render([*self._head(), *history, user])
-                self._check_context(prompt, params)
+                history, prompt, dropped = self._fit(history, user, params)
                 taken = self.rt.tiers.checkout(self.id)  # pinned until checked in
                 gen: Generation | None = None
                 try:
                     kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt, taken.kv)
                     gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
-                    turn = (gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s)
+                    turn = (gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
                     try:
                         yield from gen
                     except GeneratorExit:
@@ -246,6 +246,7 @@ class Session:
         reused_session: int,
         reused_prefix: int,
         prefix_s: float,
+        dropped: int,
     ) -> None:
         tokenizer = self.rt.lm.tokenizer
         ids = tuple(gen.token_ids)
@@ -271,6 +272,7 @@ class Session:
             kv_source=taken.source,
             restore_s=taken.restore_s,
             kv_decision=taken.rejected or (taken.choice.reason if taken.choice else ""),
+            dropped_turns=dropped,
         )
         if self.rt.store is not None:  # the transcript is written through: it survives this process
             self._store_call(self.rt.store.put_session, self.record())
@@ -311,13 +313,27 @@ class Session:
             raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
         return history[:-2]
 
-    def _check_context(self, prompt: list[int], params: GenerationConfig) -> None:
-        limit = self.rt.lm.info.max_context
-        if len(prompt) + params.max_new_tokens > limit:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, "
-                f"more than the model's context of {limit}; start a new session or ask for fewer new tokens"
-            )
+    def _fit(
+        self, history: list[Message], user: Message, params: GenerationConfig
+    ) -> tuple[list[Message], list[int], int]:
+        """The history to keep and the prompt, within the session's token limit. With `overflow = "drop_oldest"`
+        the oldest turns (user message and reply) go first; returns how many turns were dropped."""
+        cfg = self.rt.config.session
+        model_limit = self.rt.lm.info.max_context
+        limit = min(cfg.max_tokens, model_limit) if cfg.max_tokens else model_limit
+        dropped = 0
+        while True:
+            prompt = self.rt.template.render([*self._head(), *history, user])
+            if len(prompt) + params.max_new_tokens <= limit:
+                return history, prompt, dropped
+            if cfg.overflow != "drop_oldest" or len(history) < 2:
+                what = "the session's max_tokens" if limit < model_limit else "the model's context"
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, more than "
+                    f"{what} of {limit}; send a shorter message, ask for fewer new tokens, start a new session, "
+                    "or set session.overflow = 'drop_oldest'"
+                )
+            history, dropped = history[2:], dropped + 1
 
     def _check_open(self) -> None:
         if self.closed:
@@ -325,9 +341,17 @@ class Session:
 
     @contextmanager
     def _busy(self) -> Iterator[None]:
-        with self._lock:
+        wait = self.rt.config.session.on_busy == "wait"
+        if not self._lock.acquire(blocking=wait):
+            raise SessionBusy(
+                f"session {self.id} is answering another message; wait for it to finish "
+                "(or set session.on_busy = 'wait' to queue turns)"
+            )
+        try:
             self._check_open()
             yield
+        finally:
+            self._lock.release()
 
     def _hold_lease(self) -> None:
         """Make sure this process holds the session's lease for the turn about to run. A process that gets the

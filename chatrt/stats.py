@@ -44,6 +44,8 @@ class TurnStats(TokenCounts):
     decode_s: float
     decode_tokens_per_s: float
     finish_reason: str
+    dropped_turns: int = 0
+    """The oldest turns dropped from the transcript to fit this one (session.overflow = "drop_oldest")."""
 
 
 class TokenTotals(TokenCounts):
@@ -106,6 +108,8 @@ class RuntimeStats(TokenTotals):
     prefix_evictions: int
     tiers: dict[str, TierUsage]
     tier_counters: TierCounters
+    redis: str = "off"
+    """off (none configured), ok, or down (the last call failed; caches and transcripts stay in memory)."""
 
 
 class DeploymentStats(BaseModel):

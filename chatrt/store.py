@@ -6,6 +6,7 @@ Every Redis failure becomes StoreUnavailable, so callers can fall back to recomp
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from chatrt.stats import DeploymentStats, RuntimeStats
 from chatrt.template import Message
 
 RECORD_VERSION = 1
+log = logging.getLogger("chatrt")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -58,6 +60,8 @@ def runtime_key(instance: str) -> str:
 class RedisStore:
     def __init__(self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0) -> None:
         self.url, self.ttl_s, self.lease_s = url, ttl_s, lease_s
+        self.up = True
+        """False since a call failed, until one succeeds."""
         try:
             self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as e:
@@ -66,14 +70,14 @@ class RedisStore:
     # -- sessions --------------------------------------------------------------------------------
 
     def get_session(self, session_id: str) -> SessionRecord | None:
-        with _failures("read a session"):
+        with self._guard("read a session"):
             raw = self.client.get(session_key(session_id, "meta"))
         return _parse(SessionRecord, raw)
 
     def put_session(self, record: SessionRecord, chunks: list[memoryview] | None = None) -> None:
         """Write the record, and with `chunks` the KV its `kv` names; chunks of an older KV are deleted."""
         sid = record.session_id
-        with _failures("write a session"):
+        with self._guard("write a session"):
             old = _parse(SessionRecord, self.client.get(session_key(sid, "meta")))
             new_count = record.kv.chunks if record.kv is not None else 0
             pipe = self.client.pipeline(transaction=True)
@@ -89,7 +93,7 @@ class RedisStore:
             pipe.execute()
 
     def get_chunks(self, keys: list[str]) -> list[bytes | None]:
-        with _failures("read a cache"):
+        with self._guard("read a cache"):
             return self.client.mget(keys) if keys else []
 
     def session_chunks(self, session_id: str, meta: KVMeta) -> list[bytes | None]:
@@ -97,7 +101,7 @@ class RedisStore:
 
     def delete_session(self, session_id: str) -> None:
         """Every key of the session: record, KV chunks, lease."""
-        with _failures("delete a session"):
+        with self._guard("delete a session"):
             old = _parse(SessionRecord, self.client.get(session_key(session_id, "meta")))
             count = old.kv.chunks if old is not None and old.kv is not None else 0
             keys = [session_key(session_id, p) for p in ("meta", "lease", *(f"kv:{n}" for n in range(count)))]
@@ -110,7 +114,7 @@ class RedisStore:
             lease = self.client.lock(
                 session_key(session_id, "lease"), timeout=self.lease_s, blocking=False, thread_local=False
             )
-        with _failures("take a session's lease"):
+        with self._guard("take a session's lease"):
             if lease.owned():
                 lease.reacquire()
                 return lease
@@ -124,14 +128,14 @@ class RedisStore:
     # -- prefixes --------------------------------------------------------------------------------
 
     def get_prefix(self, digest: str) -> KVMeta | None:
-        with _failures("read a prefix"):
+        with self._guard("read a prefix"):
             return _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
 
     def prefix_chunks(self, digest: str, meta: KVMeta) -> list[bytes | None]:
         return self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)])
 
     def put_prefix(self, digest: str, meta: KVMeta, chunks: list[memoryview]) -> None:
-        with _failures("write a prefix"):
+        with self._guard("write a prefix"):
             pipe = self.client.pipeline(transaction=True)
             for n, chunk in enumerate(chunks):
                 pipe.set(prefix_key(digest, f"kv:{n}"), chunk, ex=self.ttl_s)
@@ -142,16 +146,16 @@ class RedisStore:
 
     def put_runtime_stats(self, instance: str, stats: RuntimeStats, ttl_s: float) -> None:
         """This process's stats for `chatrt stats --redis`; they expire unless published again."""
-        with _failures("publish runtime stats"):
+        with self._guard("publish runtime stats"):
             self.client.set(runtime_key(instance), stats.model_dump_json(), px=max(1, int(ttl_s * 1000)))
 
     def delete_runtime_stats(self, instance: str) -> None:
-        with _failures("remove runtime stats"):
+        with self._guard("remove runtime stats"):
             self.client.delete(runtime_key(instance))
 
     def deployment(self) -> DeploymentStats:
         """What every process using this Redis last published, and what Redis holds: sessions, KV, prefixes."""
-        with _failures("read the deployment's stats"):
+        with self._guard("read the deployment's stats"):
             runtimes = {s.instance: s for s in self._all(RuntimeStats, runtime_key("*"))}
             records = self._all(SessionRecord, session_key("*", "meta"))
             prefix_metas = self._all(KVMeta, prefix_key("*", "meta"))
@@ -169,19 +173,27 @@ class RedisStore:
         return [m for raw in (self.client.mget(keys) if keys else []) if (m := _parse(model, raw)) is not None]
 
     def ping(self) -> None:
-        with _failures("reach Redis"):
+        with self._guard("reach Redis"):
             self.client.ping()
 
     def close(self) -> None:
         self.client.close()
 
-
-@contextlib.contextmanager
-def _failures(what: str) -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as e:
-        raise StoreUnavailable(f"could not {what} in Redis: {e}") from e
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Every Redis failure becomes StoreUnavailable; the first after a success is logged, as is the recovery
+        (redis-py reconnects on the next call, so Redis coming back needs nothing from chatrt)."""
+        try:
+            yield
+        except redis.RedisError as e:
+            if self.up:
+                log.warning("Redis at %s is unavailable (%s); serving from memory and transcripts until it is back",
+                            self.url, e)  # fmt: skip
+            self.up = False
+            raise StoreUnavailable(f"could not {what} in Redis: {e}") from e
+        if not self.up:
+            log.warning("Redis at %s is back", self.url)
+        self.up = True
 
 
 def _parse(model: type[M], raw: bytes | None) -> M | None:
@@ -194,31 +206,60 @@ def _parse(model: type[M], raw: bytes | None) -> M | None:
         return None
 
 
-@contextlib.contextmanager
-def redis_server(binary: str = "redis-server") -> Iterator[str]:
-    """A private redis-server on a free loopback port in a temporary folder; yields its URL (tests, bench)."""
-    path = shutil.which(binary)
-    if path is None:
-        raise StoreUnavailable("redis-server is not installed; install the redis-server package (see the README)")
-    with tempfile.TemporaryDirectory(prefix="chatrt-redis-") as folder:
+class RedisServer:
+    """A private redis-server on a free loopback port in a temporary folder (tests, bench). It can be killed
+    and started again on the same port, empty, as a real Redis restart after a crash would be."""
+
+    def __init__(self, *args: str, binary: str = "redis-server") -> None:
+        path = shutil.which(binary)
+        if path is None:
+            raise StoreUnavailable("redis-server is not installed; install the redis-server package (see the README)")
+        self.folder = Path(tempfile.mkdtemp(prefix="chatrt-redis-"))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = [path, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--save", "", "--appendonly", "no"]
-        proc = subprocess.Popen(args, stdout=(Path(folder) / "log").open("w"), stderr=subprocess.STDOUT)
-        url = f"redis://127.0.0.1:{port}/0"
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                     "--save", "", "--appendonly", "no", *args]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        log = self.folder / "log"
+        self.proc = subprocess.Popen(self.args, stdout=log.open("a"), stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
         try:
-            client = redis.Redis.from_url(url)
-            for _ in range(200):
+            for _ in range(400):
                 try:
                     client.ping()
-                    break
+                    return self
                 except redis.ConnectionError:
-                    if proc.poll() is not None:
-                        raise StoreUnavailable(f"redis-server exited: {(Path(folder) / 'log').read_text()}") from None
+                    if self.proc.poll() is not None:
+                        raise StoreUnavailable(f"redis-server exited: {log.read_text()}") from None
                     time.sleep(0.025)
-            client.close()
-            yield url
+            raise StoreUnavailable(f"redis-server did not answer within 10 s: {log.read_text()}")
         finally:
-            proc.terminate()
-            proc.wait(10)
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, nothing saved."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server(*args: str) -> Iterator[str]:
+    """A private redis-server for the duration of the block; yields its URL."""
+    server = RedisServer(*args).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

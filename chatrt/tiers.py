@@ -265,21 +265,41 @@ class Tiers:
         except StoreUnavailable:
             self.count(redis_errors=1)
 
+    def demote(self, session_id: str) -> Source:
+        """Move an idle session's cache one tier down now (device → host → Redis → dropped), whatever the
+        budgets say, then enforce them. A generating session is not moved. Returns where the cache is after."""
+        with self._lock:
+            tier, slot = self._find(session_id)
+            if slot is not None:
+                del self._ladder.lru[tier][session_id]
+                self._move_down(tier, session_id, slot)
+                self._enforce()
+            return self.where(session_id)
+
     def _enforce(self) -> None:
         """Demote least recently used idle caches until every tier is within its budgets. Caller holds the lock."""
         c = self.config
         lru = self._ladder.lru
-        while self._over("device", c.device_bytes, c.device_sessions) and lru["device"]:
-            session_id, slot = lru["device"].popitem(last=False)
+        for tier, max_bytes, max_sessions in (
+            ("device", c.device_bytes, c.device_sessions),
+            ("host", c.host_bytes, c.host_sessions),
+            ("redis", c.redis_bytes, c.redis_sessions),
+        ):
+            while self._over(tier, max_bytes, max_sessions) and lru[tier]:
+                session_id, slot = lru[tier].popitem(last=False)
+                self._move_down(tier, session_id, slot)
+
+    def _move_down(self, tier: Tier, session_id: str, slot: Slot) -> None:
+        """One step down the ladder for a cache already taken out of `tier`'s LRU. Caller holds the lock."""
+        if tier == "device":
             assert slot.kv is not None
-            lru["host"][session_id] = Slot(slot.kv.to("cpu", pin=self.lm.device.type == "cuda"), None, slot.nbytes)
+            pinned = self.lm.device.type == "cuda"
+            self._ladder.lru["host"][session_id] = Slot(slot.kv.to("cpu", pin=pinned), None, slot.nbytes)
             self.count(demotions=1)
             self._log(session_id, "device", "host")
-        while self._over("host", c.host_bytes, c.host_sessions) and lru["host"]:
-            session_id, slot = lru["host"].popitem(last=False)
+        elif tier == "host":
             self._demote_to_redis(session_id, slot)
-        while self._over("redis", c.redis_bytes, c.redis_sessions) and lru["redis"]:
-            session_id, _ = lru["redis"].popitem(last=False)
+        else:
             self._after_promotion(session_id, "redis")  # its chunks go; the transcript stays
             self.count(drops=1)
             self._log(session_id, "redis", "dropped")

@@ -10,6 +10,7 @@ from chatrt.errors import (
     ConfigError,
     ContextLengthError,
     InvalidMessage,
+    SessionBusy,
     SessionClosed,
     SessionNotFound,
     TooManySessions,
@@ -56,6 +57,14 @@ def assert_exact(session, reply, max_new_tokens: int) -> None:
     assert st.prompt_tokens == len(prompt)
     assert st.prompt_tokens == st.reused_session_tokens + st.reused_prefix_tokens + st.prefilled_tokens
     assert st.prefilled_tokens >= 1
+
+
+def assert_kv_agrees(session) -> None:
+    """The session's cache holds the start of what its transcript renders to (after a stopped stream: the
+    prompt and the reply so far), nothing else."""
+    kv = session.kv
+    if kv is not None:
+        assert kv.ids == tuple(session.rt.template.render(session.transcript)[: len(kv)])
 
 
 def expected_kv_len(prompt_tokens: int, reply) -> int:
@@ -271,3 +280,62 @@ def test_bundled_model_replies_are_exact_with_session_and_prefix_reuse(bundled_r
     stats = bundled_runtime.stats()
     assert stats.prefix_hits >= 1 and stats.reused_session_tokens > 0
     assert stats.hit_rate > 0.5
+
+
+def test_a_second_send_on_a_busy_session_raises_when_configured(tiny_lm):
+    config = Config().with_values(generation={"max_new_tokens": 12}, session={"on_busy": "raise"})
+    with ChatRuntime(tiny_lm, config) as rt:
+        s = rt.open_session()
+        stream = s.stream("a long answer please")
+        next(stream)  # the turn is running: the session is busy until the stream ends
+        with pytest.raises(SessionBusy, match="answering another message"):
+            s.send("me too")
+        other = rt.open_session()
+        assert_exact(other, other.send("other sessions are not blocked"), 12)
+        stream.close()
+        assert_exact(s, s.send("now it is free"), 12)
+
+
+def test_a_second_send_on_a_busy_session_waits_by_default(runtime):
+    s = runtime.open_session()
+    stream = s.stream("first")
+    next(stream)
+    replies = []
+    waiter = threading.Thread(target=lambda: replies.append(s.send("second")))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and replies == []  # queued behind the running turn
+    stream.close()
+    waiter.join(30)
+    assert [m.content for m in s.messages if m.role == "user"] == ["first", "second"]
+    assert_exact(s, replies[0], 12)
+
+
+def test_a_turn_over_max_tokens_is_a_clear_error_and_the_session_stays_usable(tiny_lm):
+    config = Config().with_values(generation={"max_new_tokens": 12}, session={"max_tokens": 120})
+    with ChatRuntime(tiny_lm, config) as rt:
+        s = rt.open_session()
+        s.send("one two three")
+        with pytest.raises(ContextLengthError, match=r"max_tokens of 120.*drop_oldest"):
+            s.send(" ".join(["word"] * 150))
+        assert len(s.messages) == 2
+        assert_exact(s, s.send("short again"), 12)
+
+
+def test_drop_oldest_keeps_the_session_within_max_tokens_and_exact(tiny_lm):
+    config = Config().with_values(
+        generation={"max_new_tokens": 12}, session={"max_tokens": 160, "overflow": "drop_oldest"}
+    )
+    rng = random.Random(5)
+    with ChatRuntime(tiny_lm, config) as rt:
+        s = rt.open_session(system_prompt="You are terse.")
+        dropped = 0
+        for _ in range(10):
+            reply = s.send(" ".join(rng.choice(WORDS) for _ in range(8)))
+            assert_exact(s, reply, 12)
+            assert reply.stats.prompt_tokens + 12 <= 160
+            dropped += reply.stats.dropped_turns
+        assert dropped > 0 and len(s.messages) < 20
+        assert s.transcript[0].role == "system"  # the system prompt is never dropped
+        with pytest.raises(ContextLengthError):  # one message alone too long: nothing to drop
+            s.send(" ".join(["word"] * 200))
