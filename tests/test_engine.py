@@ -1,9 +1,15 @@
 """The engine prefills after a KV, decodes, samples, stops and streams text without splitting characters."""
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from chatrt import bench
 from chatrt.config import GenerationConfig
-from chatrt.engine import Generation, TextStream, compute_kv, sample
+from chatrt.engine import Generation, TextStream, compute_kv, prefill, sample
+from chatrt.kv import common_prefix_len
+from chatrt.model import LoadedModel
+from chatrt.template import ChatTemplate, Message
 from tests.conftest import reference_reply
 
 
@@ -91,3 +97,31 @@ def test_held_back_text_is_released_when_it_is_not_a_stop(tokenizer):
     out = "".join(stream.push(i) for i in tokenizer("a <S b", add_special_tokens=False).input_ids)
     out += stream.finish()
     assert out == "a <S b"
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return float(torch.sum(p.exp() * (p - q)))
+
+
+@pytest.mark.bundled
+def test_bf16_logits_with_reuse_are_as_close_to_fp32_as_bf16_itself(bundled_folder, bundled_lm, tokenizer):
+    """bf16 is not exact, so it is judged by closeness: next-token logits computed on a reused cache are
+    about as far from fp32 as bf16 computed in one pass, and agree on the greedy token."""
+    folder, weights_id = bundled_folder
+    bf16 = LoadedModel.wrap(
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), tokenizer, weights_id=weights_id
+    )
+    template = ChatTemplate(tokenizer)
+    system, users = bench.conversations(bench.Workload(sessions=3, turns=2, user_words=12))
+    for questions in users:
+        head = [Message(role="system", content=system), Message(role="user", content=questions[0]),
+                Message(role="assistant", content="I can help with that.")]  # fmt: skip
+        ids = template.render([*head, Message(role="user", content=questions[1])])
+        cached = tuple(ids[: common_prefix_len(template.render(head), ids)])  # what the session would reuse
+        fp32, _ = prefill(bundled_lm, None, ids)
+        one_pass, _ = prefill(bf16, None, ids)
+        reused, _ = prefill(bf16, compute_kv(bf16, cached), ids[len(cached) :])
+        assert kl(fp32, reused) < 0.01
+        assert kl(fp32, reused) <= 3 * max(kl(fp32, one_pass), 1e-4)
+        assert int(reused.argmax()) == int(one_pass.argmax()) == int(fp32.argmax())

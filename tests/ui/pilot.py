@@ -84,3 +84,14 @@ async def new_session(pilot: Pilot, *keys: str) -> Conversation:
     await wait_until(pilot, lambda: len(screen.conversations()) == count + 1)
     assert screen.current is not None
     return screen.current
+
+
+async def start_reply(pilot: Pilot, text: str) -> Conversation:
+    """Send `text` and return once the reply has started streaming (some text shown, still responding)."""
+    screen = await ready(pilot)
+    conversation = screen.current
+    assert conversation is not None
+    screen.query_one(PromptInput).text = text
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: len(conversation.query(Bubble).last().source) > 10)
+    return conversation

@@ -6,6 +6,7 @@ import pytest
 
 from chatrt import ChatRuntime, Config, ModelLoadError
 from tests.conftest import reference_reply
+from tests.test_session import assert_kv_agrees
 from tests.ui.pilot import (
     bubbles,
     chat_app,
@@ -13,6 +14,7 @@ from tests.ui.pilot import (
     notifications,
     ready,
     say,
+    start_reply,
     text_of,
     transcript,
     wait_until,
@@ -42,13 +44,6 @@ def assert_last_reply_exact(conversation, max_new_tokens: int) -> None:
     session = conversation.session
     prompt = session.rt.template.render(session.transcript[:-1])
     assert session.messages[-1].token_ids == reference_reply(session.rt.lm, prompt, max_new_tokens)
-
-
-def assert_kv_agrees_with_transcript(session) -> None:
-    """The cache holds the start of what the transcript renders to: prompt and reply so far, nothing else."""
-    rendered = session.rt.template.render(session.transcript)
-    assert len(session.kv) > session.last_turn.prompt_tokens
-    assert session.kv.ids == tuple(rendered[: len(session.kv)])
 
 
 def turn_rows(screen: ChatScreen) -> list[list[str]]:
@@ -146,17 +141,14 @@ async def test_closing_the_last_session_opens_a_fresh_one(runtime):
 
 async def test_escape_stops_a_long_reply_and_the_next_turn_is_exact(long_runtime):
     async with chat_app(long_runtime).run_test(size=SIZE) as pilot:
-        screen = await ready(pilot)
-        conversation = screen.current
-        screen.query_one(PromptInput).text = "Tell me a long story"
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: len(conversation.query(Bubble).last().source) > 10)
+        conversation = await start_reply(pilot, "Tell me a long story")
         await pilot.press("escape")
         await wait_until(pilot, lambda: not conversation.responding)
         stopped = conversation.turns[-1]
         assert stopped.finish_reason == "cancelled" and stopped.generated_tokens < 1500
         assert bubbles(conversation) == transcript(conversation)
-        assert_kv_agrees_with_transcript(conversation.session)
+        assert len(conversation.session.kv) > stopped.prompt_tokens
+        assert_kv_agrees(conversation.session)
         long_runtime.config = long_runtime.config.with_values(generation={"max_new_tokens": 16})
         await say(pilot, "Go on")
         assert conversation.turns[-1].reused_session_tokens > 0
@@ -294,15 +286,11 @@ async def test_redis_down_is_a_warning_and_chat_goes_on(tiny_lm):
 async def test_quit_during_a_reply_stops_it_and_keeps_the_session_consistent(long_runtime):
     app = chat_app(long_runtime)
     async with app.run_test(size=SIZE) as pilot:
-        screen = await ready(pilot)
-        conversation = screen.current
-        screen.query_one(PromptInput).text = "Talk"
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: len(conversation.query(Bubble).last().source) > 10)
+        conversation = await start_reply(pilot, "Talk")
         await pilot.press("ctrl+q")
         await wait_until(pilot, lambda: not app.is_running)
     assert conversation.session.last_turn.finish_reason == "cancelled"
-    assert_kv_agrees_with_transcript(conversation.session)
+    assert_kv_agrees(conversation.session)
 
 
 @pytest.mark.bundled
