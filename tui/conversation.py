@@ -18,7 +18,7 @@ from textual.reactive import reactive
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
-from chatrt import ChatrtError, Session, TurnStats
+from chatrt import Session, TurnStats
 
 Start = Callable[[], Iterator[str]]
 
@@ -38,7 +38,7 @@ class Conversation(VerticalScroll):
 
         conversation: Conversation
         stats: TurnStats | None
-        error: ChatrtError | None
+        error: Exception | None
         text: str | None
         """The user text of a failed send or edit, so the input can get it back."""
 
@@ -118,7 +118,7 @@ class Conversation(VerticalScroll):
     @work(thread=True, exit_on_error=False)
     def _generate(self, start: Start, reply: Bubble, stream: MarkdownStream, user: str | None) -> None:
         before = self.session.last_turn
-        error: ChatrtError | None = None
+        error: Exception | None = None
         try:
             try:
                 pieces = start()
@@ -129,7 +129,7 @@ class Conversation(VerticalScroll):
                         self.app.call_from_thread(stream.write, piece)
                 finally:
                     pieces.close()  # records the turn in this thread, also after a stop
-            except ChatrtError as e:
+            except Exception as e:  # shown as a notification: whatever fails, the app and the session go on
                 error = e
             turn = self.session.last_turn
             stats = turn if turn is not before and error is None else None
@@ -143,7 +143,7 @@ class Conversation(VerticalScroll):
         reply: Bubble,
         stream: MarkdownStream,
         stats: TurnStats | None,
-        error: ChatrtError | None,
+        error: Exception | None,
         user: str | None,
     ) -> None:
         await stream.stop()
