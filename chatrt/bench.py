@@ -28,14 +28,15 @@ from chatrt.stats import TierCounters, TokenCounts, TurnStats
 from chatrt.store import redis_server
 
 Mode = Literal["recompute", "prefix", "session", "full", "pressure", "pressure-redis"]
+_FULL = {"prefix": {"enabled": True}, "session": {"reuse": True}}
 MODES: dict[str, dict[str, dict[str, bool]]] = {
     "recompute": {"prefix": {"enabled": False}, "session": {"reuse": False}},
     "prefix": {"prefix": {"enabled": True}, "session": {"reuse": False}},
     "session": {"prefix": {"enabled": False}, "session": {"reuse": True}},
-    "full": {"prefix": {"enabled": True}, "session": {"reuse": True}},
+    "full": _FULL,
     # full, with a device tier too small for the sessions: caches move down the ladder between their turns
-    "pressure": {"prefix": {"enabled": True}, "session": {"reuse": True}},
-    "pressure-redis": {"prefix": {"enabled": True}, "session": {"reuse": True}},
+    "pressure": _FULL,
+    "pressure-redis": _FULL,
 }
 REPORT_VERSION = 2
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "bench"

@@ -239,12 +239,11 @@ def print_deployment(d: DeploymentStats) -> None:
     table = Table(title=f"chatrt deployment · {len(d.runtimes)} live processes")
     for col in ("process", "turns", "hit rate", "prompt", "reused", "prefilled", "open", "device", "host"):
         table.add_column(col, justify="right")
-    rows = [(name, s, s.tiers) for name, s in sorted(d.runtimes.items())]
-    for name, s, tiers in rows:
+    for name, s in sorted(d.runtimes.items()):
         table.add_row(
             name, f"{s.turns:,}", f"{s.hit_rate:.1%}", f"{s.prompt_tokens:,}", f"{s.reused_tokens:,}",
             f"{s.prefilled_tokens:,}", f"{s.sessions_open:,}",
-            *(_mib(tiers[t].bytes) if t in tiers else "-" for t in ("device", "host")),
+            *(_mib(s.tiers[t].bytes) if t in s.tiers else "-" for t in ("device", "host")),
         )  # fmt: skip
     t = d.total()
     table.add_row("all", f"{t.turns:,}", f"{t.hit_rate:.1%}", f"{t.prompt_tokens:,}", f"{t.reused_tokens:,}",
