@@ -5,8 +5,10 @@ A session that is generating has its KV checked out: it sits in no LRU, so it is
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -237,7 +239,7 @@ class Tiers:
         tokens = len(slot.meta.ids) if slot.meta is not None else len(slot.kv or ())
         try:
             return self.cost.choose(tier, slot.nbytes, tokens)
-        except (StoreUnavailable, redis.RedisError):  # a probe failed: Redis is not answering, recompute
+        except (StoreUnavailable, redis.RedisError, CacheRejected):  # a probe failed (Redis went away): recompute
             self.count(redis_errors=1)
             return Choice("recompute", float("inf"), 0.0)
 
@@ -374,14 +376,16 @@ class Tiers:
         ]
         kv = KV(tuple(range(tokens)), tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
         meta, chunks = self._chunks(kv)
-        key = "chatrt:probe"
+        key = f"chatrt:probe:{uuid.uuid4().hex}"  # probes of other threads and processes use their own keys
         keys = [f"{key}:{n}" for n in range(len(chunks))]
-        self.store.client.mset(dict(zip(keys, chunks, strict=True)))
-        t0 = time.perf_counter()
-        self.store.client.get(key)
-        self.cost.set_latency("redis", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        from_chunks(meta, self.store.get_chunks(keys), self.fingerprint, self.lm.device)
-        seconds = time.perf_counter() - t0
-        self.store.client.delete(*keys)
-        return meta.nbytes, seconds
+        try:
+            self.store.client.mset(dict(zip(keys, chunks, strict=True)))
+            t0 = time.perf_counter()
+            self.store.client.get(key)
+            self.cost.set_latency("redis", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            from_chunks(meta, self.store.get_chunks(keys), self.fingerprint, self.lm.device)
+            return meta.nbytes, time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.store.client.delete(*keys)
