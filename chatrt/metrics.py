@@ -20,18 +20,8 @@ from chatrt.stats import RuntimeStats, TierCounters, TierUsage, TurnStats
 PREFIX = "chatrt"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DECODE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-# What each TierCounters field means as a metric (the field docs say more).
-MOVES = {
-    "promotions": "Caches brought back up to the device",
-    "demotions": "Caches moved one tier down",
-    "restores": "Caches restored from a lower tier instead of recomputed",
-    "recomputes": "Caches on a lower tier recomputed instead (cheaper, or rejected)",
-    "drops": "Caches evicted off the bottom of the ladder (transcripts stay)",
-    "rejected": "Stored caches refused: another model's, a bad checksum, missing chunks",
-    "redis_errors": "Redis calls that failed (the turn went on without Redis)",
-    "prefix_spills": "Evicted prefixes written to Redis",
-    "prefix_restores": "Prefixes loaded from Redis instead of computed",
-}
+# The TierCounters fields that count moves (restore_s is exported as seconds), with their docstrings as help.
+MOVES = {name: f.description or name for name, f in TierCounters.model_fields.items() if f.annotation is int}
 
 
 class Metrics:
@@ -112,7 +102,7 @@ class _StatsCollector(Collector):
         counters: TierCounters = s.tier_counters
         for field, help in MOVES.items():
             yield _counter(field, help, getattr(counters, field))
-        yield _counter("restore_seconds", "Time spent restoring caches from lower tiers", counters.restore_s)
+        yield _counter("restore_seconds", TierCounters.model_fields["restore_s"].description or "", counters.restore_s)
         if s.redis != "off":
             yield GaugeMetricFamily(f"{PREFIX}_redis_up", "1 while Redis answers, 0 since a call failed",
                                     value=int(s.redis == "ok"))  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, ConfigDict, computed_field
 
 
 class TokenCounts(BaseModel):
@@ -75,11 +75,16 @@ class TierUsage(BaseModel):
 
 
 class TierCounters(BaseModel):
+    """Moves on the tier ladder since start; each int field is also a Prometheus counter, its docstring the help."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     promotions: int = 0
     """Caches brought back up to the device."""
     demotions: int = 0
     """Caches moved one tier down (device → host, host → Redis)."""
     restores: int = 0
+    """Caches restored from a lower tier instead of recomputed."""
     recomputes: int = 0
     """Caches on a lower tier that were not restored: the cost model said recompute, or they were rejected."""
     drops: int = 0
@@ -87,7 +92,9 @@ class TierCounters(BaseModel):
     rejected: int = 0
     """Stored caches refused: another model's, a bad checksum, missing chunks."""
     redis_errors: int = 0
+    """Redis calls that failed (the turn went on without Redis)."""
     restore_s: float = 0.0
+    """Time spent restoring caches from lower tiers."""
     prefix_spills: int = 0
     """Evicted prefixes written to Redis."""
     prefix_restores: int = 0
