@@ -6,9 +6,8 @@ The session's transcript is the truth; after a failed turn the view is rebuilt f
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 
 from textual import work
@@ -17,10 +16,11 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
+from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
-from chatrt import Session, TurnStats
+from chatrt import AsyncSession, Session, TurnStats
 
-Start = Callable[[], Iterator[str]]
+Start = Callable[[], AsyncIterator[str]]
 
 
 class Bubble(Markdown):
@@ -47,12 +47,11 @@ class Conversation(VerticalScroll):
     def __init__(self, session: Session, title: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
         self.session = session
+        self.chat = AsyncSession(session)  # a turn runs on a thread; its pieces arrive on the app's loop
         self.title = title
         self.turns: list[TurnStats] = []
         """Stats of every turn this view ran, oldest first (the stats panel's table)."""
-        self._stop = threading.Event()
-        self._idle = threading.Event()  # set when no worker runs: a stopped reply is then recorded
-        self._idle.set()
+        self._worker: Worker[None] | None = None
 
     def compose(self):  # type: ignore[no-untyped-def]
         yield from self._bubbles()
@@ -66,22 +65,24 @@ class Conversation(VerticalScroll):
     # -- what the screen asks of it ---------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        self._begin(lambda: self.session.stream(text), user=text, drop=0)
+        self._begin(lambda: self.chat.stream(text), user=text, drop=0)
 
     def regenerate(self) -> None:
-        self._begin(self.session.stream_regenerate, user=None, drop=1)
+        self._begin(self.chat.stream_regenerate, user=None, drop=1)
 
     def edit(self, text: str) -> None:
-        self._begin(lambda: self.session.stream_edit(text), user=text, drop=2)
+        self._begin(lambda: self.chat.stream_edit(text), user=text, drop=2)
 
     def stop(self) -> None:
         """Stop the reply being generated; what was streamed so far stays as the reply."""
-        self._stop.set()
+        if self._worker is not None:
+            self._worker.cancel()
 
     async def wait(self) -> None:
-        """Until no reply is being generated (the worker's own end, not Textual's cancel, which does not wait)."""
-        while not self._idle.is_set():
-            await asyncio.sleep(0.01)
+        """Until no reply is being generated and the last one is recorded."""
+        if self._worker is not None:
+            with suppress(WorkerCancelled, WorkerFailed):
+                await self._worker.wait()
 
     def last(self, role: str) -> str | None:
         return next((m.content for m in reversed(self.session.messages) if m.role == role), None)
@@ -111,32 +112,24 @@ class Conversation(VerticalScroll):
         reply.add_class("-streaming")
         self.mount(reply)
         self.responding = True
-        self._stop.clear()
-        self._idle.clear()
-        self._generate(start, reply, Markdown.get_stream(reply), user)
+        self._worker = self._generate(start, reply, user)
 
-    @work(thread=True, exit_on_error=False)
-    def _generate(self, start: Start, reply: Bubble, stream: MarkdownStream, user: str | None) -> None:
+    @work(exit_on_error=False)
+    async def _generate(self, start: Start, reply: Bubble, user: str | None) -> None:
         before = self.session.last_turn
+        stream = Markdown.get_stream(reply)
         error: Exception | None = None
         try:
-            try:
-                pieces = start()
-                try:
-                    for piece in pieces:
-                        if self._stop.is_set():
-                            break
-                        self.app.call_from_thread(stream.write, piece)
-                finally:
-                    pieces.close()  # records the turn in this thread, also after a stop
-            except Exception as e:  # shown as a notification: whatever fails, the app and the session go on
-                error = e
-            turn = self.session.last_turn
-            stats = turn if turn is not before and error is None else None
-            with suppress(RuntimeError):  # the app has quit: the turn is recorded, there is no view to update
-                self.app.call_from_thread(self._finish, reply, stream, stats, error, user)
-        finally:
-            self._idle.set()
+            async with aclosing(start()) as pieces:  # leaving it stops the turn and waits until it is recorded
+                async for piece in pieces:
+                    await stream.write(piece)
+        except asyncio.CancelledError:
+            pass  # stopped (Esc, close, quit): the text so far is the reply
+        except Exception as e:  # shown as a notification: whatever fails, the app and the session go on
+            error = e
+        turn = self.session.last_turn
+        stats = turn if turn is not before and error is None else None
+        await self._finish(reply, stream, stats, error, user)
 
     async def _finish(
         self,
