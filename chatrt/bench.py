@@ -79,12 +79,12 @@ class Workload(BaseModel):
     name: str = "custom"
     """The preset it came from, for the report."""
     sessions: int = Field(4, ge=1)
-    turns: int = Field(10, ge=1)
+    turns: int = Field(8, ge=1)
     system_words: int = Field(300, ge=0)
     """Words of the system prompt every session shares (0: the template's default)."""
     user_words: int = Field(1, ge=1)
     """Questions shorter than this get a sentence of context appended (1: the bare questions)."""
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
     interleave: bool = True
     """Every session takes turn t before any takes turn t + 1 (False: one session's turns after another's)."""
     seed: int = 0

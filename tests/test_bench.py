@@ -96,6 +96,8 @@ def test_presets_load_by_name_and_a_bad_one_says_which_exist(tmp_path):
         and default.modes == tuple(bench.MODES)
         and default == bench.Workload(name="default", device_sessions=2)
     )
+    # the default preset replies as a runtime with the default config does
+    assert default.max_new_tokens == Config().generation.max_new_tokens
     assert bench.load_preset("long").turns == 14
     with pytest.raises(ConfigError, match="default, long, quick"):
         bench.load_preset("nope")
