@@ -38,8 +38,14 @@ def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tenso
     return lm.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
 
 
-def sample(logits: torch.Tensor, p: GenerationConfig, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else temperature / top-k / top-p sampling. logits: [V]."""
+def sample(
+    logits: torch.Tensor, p: GenerationConfig, generator: torch.Generator | None, seen: torch.Tensor | None = None
+) -> int:
+    """Greedy at temperature 0, else temperature / top-k / top-p sampling, after the repetition penalty on the
+    tokens marked in `seen`, in transformers' order. logits, seen: [V]."""
+    if seen is not None and p.repetition_penalty != 1.0:
+        r = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
     if p.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = logits / p.temperature
@@ -141,9 +147,12 @@ class Generation:
         t0 = time.perf_counter()
         logits, cache = prefill(lm, self.kv, self.new_ids)
         self.prefill_s = time.perf_counter() - t0
+        # The penalty sees the whole prompt, the reused part included, as transformers' does.
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(fed, device=logits.device)] = True
         try:
             while True:
-                token = sample(logits, p, generator)
+                token = sample(logits, p, generator, seen)
                 if not self.token_ids:
                     self.ttft_s = time.perf_counter() - self.started
                 if token in lm.stop_ids:
@@ -160,6 +169,7 @@ class Generation:
                     break
                 logits = decode_step(lm, cache, token)
                 fed.append(token)
+                seen[token] = True
                 self.decode_steps += 1
             if piece := stream.finish():
                 yield piece

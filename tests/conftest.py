@@ -90,8 +90,11 @@ def tiered(lm: LoadedModel, redis_url: str = "", max_new_tokens: int = 12, **tie
     return ChatRuntime(lm, config)
 
 
-def reference_reply(lm: LoadedModel, prompt: list[int], max_new_tokens: int, *, use_cache: bool = False) -> tuple:
-    """What plain transformers generates greedily from the full prompt, with no reused cache."""
+def reference_reply(
+    lm: LoadedModel, prompt: list[int], max_new_tokens: int, *, use_cache: bool = False, **options: float
+) -> tuple:
+    """What plain transformers generates greedily from the full prompt, with no reused cache (`options`: more
+    `generate` arguments)."""
     with torch.inference_mode():
         out = lm.model.generate(
             torch.tensor([prompt], device=lm.device),
@@ -101,6 +104,7 @@ def reference_reply(lm: LoadedModel, prompt: list[int], max_new_tokens: int, *, 
             eos_token_id=sorted(lm.stop_ids),
             pad_token_id=lm.tokenizer.pad_token_id,
             use_cache=use_cache,
+            **options,
         )
     new = out[0, len(prompt) :].tolist()
     return tuple(new[:-1] if new and new[-1] in lm.stop_ids else new)

@@ -26,6 +26,28 @@ def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
         assert gen.kv.ids == (*prompt, *gen.token_ids[:-1])
 
 
+def test_repetition_penalty_on_a_reused_kv_equals_plain_transformers(tiny_lm):
+    # The prompt ends with what the model would say next, so the penalty has something to change; it must
+    # see the cached part of the prompt too, as generate's does.
+    head = list(range(300, 330))
+    prompt = head + list(reference_reply(tiny_lm, head, 30))
+    plain = reference_reply(tiny_lm, prompt, 30)
+    for split in (1, len(prompt) - 1):
+        kv = compute_kv(tiny_lm, tuple(prompt[:split]))
+        gen = Generation(tiny_lm, kv, prompt[split:], GenerationConfig(max_new_tokens=30, repetition_penalty=1.5))
+        "".join(gen)
+        assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 30, repetition_penalty=1.5) != plain
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.05])
+    p = GenerationConfig(repetition_penalty=1.1)
+    assert sample(logits, p, None) == 0  # nothing seen: plain argmax
+    assert sample(logits, p, None, torch.tensor([True, False, False, False])) == 1  # 2.0 / 1.1 < 1.9
+    only_negatives = torch.tensor([-1.0, -1.05])
+    assert sample(only_negatives, p, None, torch.tensor([True, False])) == 1  # -1.1 < -1.05
+
+
 def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
     gen = Generation(tiny_lm, None, list(range(400, 420)), GenerationConfig(max_new_tokens=50))
     stream = iter(gen)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from chatrt import ChatRuntime, Config
+from chatrt import ChatRuntime, Config, bench
 from chatrt.errors import (
     ConfigError,
     ContextLengthError,
@@ -280,6 +280,19 @@ def test_bundled_model_replies_are_exact_with_session_and_prefix_reuse(bundled_r
     stats = bundled_runtime.stats()
     assert stats.prefix_hits >= 1 and stats.reused_session_tokens > 0
     assert stats.hit_rate > 0.5
+
+
+@pytest.mark.bundled
+def test_bundled_model_with_a_repetition_penalty_is_exact_and_leaves_its_loop(bundled_runtime):
+    system, users = bench.conversations(bench.load_preset("default"))
+    s = bundled_runtime.open_session(system_prompt=system)
+    for question in users[1][:2]:  # plain greedy decoding answers the second one in a loop
+        reply = s.send(question, max_new_tokens=40, repetition_penalty=1.1)
+        prompt = bundled_runtime.template.render(s.transcript[:-1])
+        penalised = reference_reply(bundled_runtime.lm, prompt, 40, use_cache=True, repetition_penalty=1.1)
+        assert reply.token_ids == penalised
+    assert reply.stats.reused_session_tokens > 0
+    assert reply.token_ids != reference_reply(bundled_runtime.lm, prompt, 40, use_cache=True)
 
 
 def test_a_second_send_on_a_busy_session_raises_when_configured(tiny_lm):
