@@ -42,7 +42,7 @@ class GenerationConfig(_Section):
     top_k: int = Field(0, ge=0)
     """0 keeps every token."""
     repetition_penalty: float = Field(1.0, gt=0.0)
-    """transformers' penalty on every token already in the prompt or the reply (1: off; 1.1-1.3 breaks the
+    """transformers' penalty on every token already in the prompt or the reply (1: off; about 1.1 breaks the
     repetition loops small models fall into under greedy decoding)."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
