@@ -43,7 +43,7 @@ def sample(
 ) -> int:
     """Greedy at temperature 0, else temperature / top-k / top-p sampling, after the repetition penalty on the
     tokens marked in `seen`, in transformers' order. logits, seen: [V]."""
-    if seen is not None and p.repetition_penalty != 1.0:
+    if seen is not None:
         r = p.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
     if p.temperature == 0.0:
@@ -147,9 +147,10 @@ class Generation:
         t0 = time.perf_counter()
         logits, cache = prefill(lm, self.kv, self.new_ids)
         self.prefill_s = time.perf_counter() - t0
-        # The penalty sees the whole prompt, the reused part included, as transformers' does.
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen[torch.tensor(fed, device=logits.device)] = True
+        seen = None  # with a repetition penalty: every token of the prompt (reused part included) and reply
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[torch.tensor(fed, device=logits.device)] = True
         try:
             while True:
                 token = sample(logits, p, generator, seen)
@@ -169,7 +170,8 @@ class Generation:
                     break
                 logits = decode_step(lm, cache, token)
                 fed.append(token)
-                seen[token] = True
+                if seen is not None:
+                    seen[token] = True
                 self.decode_steps += 1
             if piece := stream.finish():
                 yield piece
