@@ -173,9 +173,6 @@ class Report(BaseModel):
         """Last-turn TTFT of `baseline` over that of `mode` (the longest histories, measured in this run)."""
         return self.result(baseline).last_turn_ttft_s / self.result(mode).last_turn_ttft_s
 
-    def median_speedup(self, mode: str, baseline: str = "recompute") -> float:
-        return self.result(baseline).ttft_median_s / self.result(mode).ttft_median_s
-
 
 def conversations(w: Workload) -> tuple[str | None, list[list[str]]]:
     """The shared system prompt and each session's user messages, from the seed."""
