@@ -224,8 +224,9 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
-        log = self.folder / "log"
-        self.proc = subprocess.Popen(self.args, stdout=log.open("a"), stderr=subprocess.STDOUT)
+        logfile = self.folder / "log"
+        with logfile.open("a") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         try:
             for _ in range(400):
@@ -234,9 +235,9 @@ class RedisServer:
                     return self
                 except redis.ConnectionError:
                     if self.proc.poll() is not None:
-                        raise StoreUnavailable(f"redis-server exited: {log.read_text()}") from None
+                        raise StoreUnavailable(f"redis-server exited: {logfile.read_text()}") from None
                     time.sleep(0.025)
-            raise StoreUnavailable(f"redis-server did not answer within 10 s: {log.read_text()}")
+            raise StoreUnavailable(f"redis-server did not answer within 10 s: {logfile.read_text()}")
         finally:
             client.close()
 
