@@ -36,15 +36,18 @@ class GenerationConfig(_Section):
     """A turn's generation options: the config holds the defaults, `send(...)` keywords override them."""
 
     max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    """0 is greedy decoding."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    """0 is greedy decoding; so is any temperature below 1e-5 (as in vLLM), where sampling is greedy in all
+    but rounding. Infinity is refused: it would make every token equally likely."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
     """0 keeps every token."""
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     """transformers' penalty on every token already in the prompt or the reply (1: off; about 1.1 breaks the
     repetition loops small models fall into under greedy decoding)."""
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    """Makes a sampled reply reproducible; None (the default) draws an unseeded one. torch takes 64-bit seeds;
+    a negative seed is refused rather than silently wrapped (llama.cpp's -1 means "random": use None)."""
     stop: tuple[str, ...] = ()
     """Strings that end a reply; the reply is cut before them."""
 

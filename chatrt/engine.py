@@ -19,6 +19,8 @@ from chatrt.kv import KV
 from chatrt.model import LoadedModel
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): dividing logits by less overflows to infinity."""
 
 
 @torch.inference_mode()
@@ -46,9 +48,11 @@ def sample(
     if seen is not None:
         r = p.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
-    if p.temperature == 0.0:
+    if p.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / p.temperature
+    if torch.isposinf(logits).any():  # a penalty far below 1 overflowed: the limit is uniform over those tokens
+        logits = torch.where(torch.isposinf(logits), 0.0, float("-inf"))
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

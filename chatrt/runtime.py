@@ -22,7 +22,7 @@ from chatrt.prefix import PrefixStore
 from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
 from chatrt.store import RedisStore, SessionRecord
-from chatrt.template import ChatTemplate, Message
+from chatrt.template import ChatTemplate, Message, check_text
 from chatrt.tiers import Tiers
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -63,9 +63,9 @@ class ChatRuntime:
 
     def open_session(self, system_prompt: str | None = None, *, session_id: str | None = None) -> Session:
         """A new conversation. Without a system prompt the model's template default (if any) applies."""
-        if session_id is not None and not _SESSION_ID.fullmatch(session_id):
-            raise InvalidMessage("a session id is 1 to 128 letters, digits, '.', '_' or '-'")
-        session_id = session_id or uuid.uuid4().hex
+        session_id = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        if system_prompt is not None:
+            check_text(system_prompt, "the system prompt")
         with self._lock:
             if session_id in self._sessions:
                 raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
@@ -87,6 +87,7 @@ class ChatRuntime:
     def session(self, session_id: str) -> Session:
         """The session with this id: open here, or resumed from Redis with its transcript and KV (a bot's user
         coming back, maybe to another process). Raises SessionLeased while another process holds it."""
+        check_session_id(session_id)
         with self._lock:
             session = self._sessions.get(session_id)
             if session is not None:
@@ -182,6 +183,14 @@ class ChatRuntime:
             raise TooManySessions(
                 f"{len(self._sessions)} sessions are open, the configured session.max_sessions; close some first"
             )
+
+
+def check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidMessage(
+            f"a session id is a string of 1 to 128 letters, digits, '.', '_' or '-', not {session_id!r:.60}"
+        )
+    return session_id
 
 
 def _storage_bytes(kvs) -> int:  # type: ignore[no-untyped-def]

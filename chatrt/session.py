@@ -30,7 +30,7 @@ from chatrt.kv import KV, common_prefix_len
 from chatrt.prefix import PrefixEntry
 from chatrt.stats import SessionStats, TokenTotals, TurnStats
 from chatrt.store import SessionRecord
-from chatrt.template import Message
+from chatrt.template import Message, check_text
 from chatrt.tiers import Checkout
 
 if TYPE_CHECKING:
@@ -298,9 +298,7 @@ class Session:
             raise ConfigError(f"invalid generation option: {problems}") from None
 
     def _user_message(self, text: str) -> Message:
-        if not isinstance(text, str):
-            raise InvalidMessage(f"a message must be text, not {type(text).__name__}")
-        if not text.strip():
+        if not check_text(text, "a message").strip():
             raise InvalidMessage("the message is empty; type something to send")
         return Message(role="user", content=text)
 

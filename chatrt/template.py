@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedTokenizerBase
 
-from chatrt.errors import TemplateError
+from chatrt.errors import InvalidMessage, TemplateError
 from chatrt.kv import common_prefix_len
 
 Role = Literal["system", "user", "assistant"]
@@ -34,6 +34,22 @@ class Message(BaseModel):
     role: Role
     content: str
     token_ids: tuple[int, ...] | None = None
+
+
+def check_text(text: object, what: str) -> str:
+    """`text` when it is a str that is valid Unicode; else InvalidMessage saying what to do. NUL and other
+    control characters are text like any other (tokenized as text); lone surrogates cannot be encoded at all."""
+    if not isinstance(text, str):
+        hint = " (decode it first, e.g. data.decode('utf-8'))" if isinstance(text, bytes | bytearray) else ""
+        raise InvalidMessage(f"{what} must be text (str), not {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidMessage(
+            f"{what} contains a lone surrogate ({text[e.start]!a} at character {e.start}), which is not valid "
+            "Unicode; decode the text with errors='replace' or remove it"
+        ) from None
+    return text
 
 
 class ChatTemplate:

@@ -352,3 +352,44 @@ def test_drop_oldest_keeps_the_session_within_max_tokens_and_exact(tiny_lm):
         assert s.transcript[0].role == "system"  # the system prompt is never dropped
         with pytest.raises(ContextLengthError):  # one message alone too long: nothing to drop
             s.send(" ".join(["word"] * 200))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "says"),
+    [
+        (lambda rt, s: s.send("caf\ud800e"), InvalidMessage, "lone surrogate"),
+        (lambda rt, s: rt.open_session(system_prompt="sys\udfff"), InvalidMessage, "lone surrogate"),
+        (lambda rt, s: rt.open_session(system_prompt=42), InvalidMessage, "must be text"),
+        (lambda rt, s: rt.open_session(system_prompt=b"bytes"), InvalidMessage, "decode it first"),
+        (lambda rt, s: s.send(b"bytes"), InvalidMessage, "decode it first"),
+        (lambda rt, s: rt.open_session(session_id=7), InvalidMessage, "session id"),
+        (lambda rt, s: rt.session(["unhashable"]), InvalidMessage, "session id"),
+        (lambda rt, s: s.send("hi", temperature=float("inf")), ConfigError, "temperature"),
+        (lambda rt, s: s.send("hi", temperature=float("nan")), ConfigError, "temperature"),
+        (lambda rt, s: s.send("hi", seed=2**70), ConfigError, "seed"),
+        (lambda rt, s: s.send("hi", seed=-1), ConfigError, "seed"),
+    ],
+)
+def test_bad_input_is_a_typed_error_that_says_what_to_do(runtime, call, error, says):
+    s = runtime.open_session()
+    with pytest.raises(error, match=says):
+        call(runtime, s)
+    assert s.messages == [] and runtime.stats().sessions_open == 1
+    assert_exact(s, s.send("a real message"), 12)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-45}])
+def test_extreme_sampling_options_answer_instead_of_failing(runtime, options):
+    s = runtime.open_session()
+    s.send("warm up the penalty's seen tokens")
+    reply = s.send("and now?", seed=3, **options)
+    assert reply.stats.generated_tokens > 0
+    if options.get("temperature", 1) < 1e-5:  # below vLLM's epsilon a temperature decodes greedily
+        assert_exact(s, reply, 12)
+
+
+def test_nul_and_control_characters_are_text(runtime):
+    s = runtime.open_session(system_prompt="nul\x00 in the system prompt")
+    reply = s.send("a NUL \x00, a bell \x07 and an escape \x1b[31m")
+    assert_exact(s, reply, 12)
+    assert s.messages[0].content == "a NUL \x00, a bell \x07 and an escape \x1b[31m"
