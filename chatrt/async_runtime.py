@@ -6,15 +6,16 @@ The model runs in a thread, so the loop stays free; streamed pieces cross over t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any, Self
 
 from chatrt.config import Config
 from chatrt.model import Progress
 from chatrt.runtime import ChatRuntime
-from chatrt.session import Reply, Session
+from chatrt.session import Reply, Session, StreamStopped
 from chatrt.stats import RuntimeStats, SessionStats, TurnStats
 
 _END = object()
@@ -99,34 +100,56 @@ class AsyncChatRuntime(_Closing):
         return self.sync.stats()
 
 
-async def _stream(start: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
-    """Run a session's stream on a thread and yield its pieces here. On the way out (finished, break, cancel,
-    error) the thread is told to stop and awaited, so the turn is recorded before control returns."""
+async def _stream(start: Callable[[], Generator[str, None, None]]) -> AsyncIterator[str]:
+    """Run a session's stream on a thread and yield its pieces here, one piece per piece asked for: the thread
+    never runs ahead of the consumer, so the reply it records is exactly what the consumer received. On the way
+    out (finished, break, cancel, error) the thread is told how much was received and awaited, so the turn is
+    recorded before control returns."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
-    stop = threading.Event()
+    asked = threading.Semaphore(0)  # released once per piece the consumer asks for, and once to stop
+    delivered: int | None = None  # set when the consumer stops early: the characters it received
+
+    def put(item: object) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def produce() -> None:
         try:
             pieces = start()
-            try:
-                for piece in pieces:
-                    if stop.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            finally:
-                pieces.close()  # records the turn, also when stopped early
         except BaseException as e:  # handed to the consumer, raised there
-            loop.call_soon_threadsafe(queue.put_nowait, e)
-        else:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            put(e)
+            return
+        try:
+            while asked.acquire() and delivered is None:
+                try:
+                    item: object = next(pieces, _END)
+                except BaseException as e:
+                    put(e)
+                    return
+                put(item)
+                if item is _END:
+                    return
+            # The consumer stopped: only what it received is the reply (a piece in flight is not).
+            with contextlib.suppress(StopIteration, StreamStopped):
+                pieces.throw(StreamStopped(delivered))
+        finally:
+            pieces.close()
 
     done = loop.run_in_executor(None, produce)
+    received, ended = 0, False
     try:
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, BaseException):
+        while True:
+            asked.release()
+            item = await queue.get()
+            if item is _END or isinstance(item, BaseException):
+                ended = True
+                if item is _END:
+                    return
                 raise item
+            received += len(item)  # type: ignore[arg-type]
             yield item  # type: ignore[misc]
     finally:
-        stop.set()
-        await asyncio.shield(done)
+        if not ended:
+            delivered = received
+            asked.release()
+        await asyncio.shield(done)  # an error recording the turn (SessionConflict) is raised here

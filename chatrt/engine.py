@@ -147,9 +147,12 @@ class Generation:
         if p.seed is not None:
             generator = torch.Generator(device=lm.device).manual_seed(p.seed)
         stream = TextStream(lm.tokenizer, p.stop)
-        fed = [*(self.kv.ids if self.kv is not None else ()), *self.new_ids]
+        # The KV handed in is consumed: from here on `kv` is only what this generation computed, so a prefill
+        # that fails (a cache that does not fit the model) leaves nothing to keep.
+        source, self.kv = self.kv, None
+        fed = [*(source.ids if source is not None else ()), *self.new_ids]
         t0 = time.perf_counter()
-        logits, cache = prefill(lm, self.kv, self.new_ids)
+        logits, cache = prefill(lm, source, self.new_ids)
         self.prefill_s = time.perf_counter() - t0
         seen = None  # with a repetition penalty: every token of the prompt (reused part included) and reply
         if p.repetition_penalty != 1.0:
@@ -187,6 +190,12 @@ class Generation:
             # A step that failed half-way leaves layers of different lengths: such a cache is not kept.
             whole = all(layer.keys.shape[-2] == len(fed) for layer in cache.layers)
             self.kv = KV.from_cache(cache, tuple(fed)) if whole else None
+
+    def cut(self, chars: int) -> None:
+        """A stream stopped by a consumer that received only the first `chars` characters: that is the reply
+        (call after iteration ended; the KV keeps every token computed, the next turn's prefix match sorts it out)."""
+        if chars < len(self.text):
+            self.text, self.finish_reason = self.text[:chars], "cancelled"
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -5,9 +5,10 @@ The transcript is the source of truth; the KV is a cache of it that any turn may
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,15 @@ if TYPE_CHECKING:
 Plan = Callable[[list[Message]], tuple[list[Message], Message]]
 
 
+class StreamStopped(Exception):
+    """Thrown into a session's stream by a consumer that stopped reading it (the async API): only the first
+    `delivered` characters reached the user, so only they are recorded as the reply."""
+
+    def __init__(self, delivered: int) -> None:
+        super().__init__(delivered)
+        self.delivered = delivered
+
+
 class Reply(BaseModel):
     text: str
     token_ids: tuple[int, ...]
@@ -67,6 +77,9 @@ class Session:
         self.totals = TokenTotals()
         self.closed = False
         self._lock = threading.Lock()
+        self._turn_thread: int | None = None  # the thread whose turn holds _lock
+        self._stream: Generator[str, None, None] | None = None  # that turn
+        self._closing = threading.Event()
         self._lease = lease
         self._prefix: PrefixEntry | None = None
         self._last_ids: tuple[int, ...] = ()
@@ -104,7 +117,7 @@ class Session:
         """Send a user message and return the whole reply."""
         return self._complete(self.stream(text, **options))
 
-    def stream(self, text: str, **options: Any) -> Iterator[str]:
+    def stream(self, text: str, **options: Any) -> Generator[str, None, None]:
         """Send a user message and yield the reply's text as it is generated. The turn is recorded when the
         iteration ends; stopping early keeps the text streamed so far as the reply (finish_reason 'cancelled')."""
         user = self._user_message(text)
@@ -114,7 +127,7 @@ class Session:
         """Replace the last reply with a new one for the same user message."""
         return self._complete(self.stream_regenerate(**options))
 
-    def stream_regenerate(self, **options: Any) -> Iterator[str]:
+    def stream_regenerate(self, **options: Any) -> Generator[str, None, None]:
         self._before_last_turn(self.messages)
         return self._turn(lambda history: (self._before_last_turn(history), history[-2]), self._params(options))
 
@@ -122,7 +135,7 @@ class Session:
         """Replace the last user message (and its reply) and answer the new one."""
         return self._complete(self.stream_edit(text, **options))
 
-    def stream_edit(self, text: str, **options: Any) -> Iterator[str]:
+    def stream_edit(self, text: str, **options: Any) -> Generator[str, None, None]:
         user = self._user_message(text)
         self._before_last_turn(self.messages)
         return self._turn(lambda history: (self._before_last_turn(history), user), self._params(options))
@@ -139,8 +152,10 @@ class Session:
 
     def close(self) -> None:
         """End the conversation: its KV is freed on every tier, its Redis keys deleted, its prefix hold released.
-        Waits for a running turn to end. When another process has taken the session over meanwhile (this one's
-        lease ran out), only this process's memory is freed: the session is the other process's now."""
+        A reply streaming on another thread is stopped at its next piece and recorded; a stream of the calling
+        thread is closed first. When another process has taken the session over meanwhile (this one's lease ran
+        out), only this process's memory is freed: the session is the other process's now."""
+        self._stop_turn()
         with self._lock:
             if self.closed:
                 return
@@ -158,7 +173,9 @@ class Session:
 
     def detach(self) -> None:
         """Leave this process (runtime shutdown): with Redis the session and its KV stay there for another
-        process to resume; the lease is given up. Memory here is freed either way."""
+        process to resume; the lease is given up. Memory here is freed either way. A running turn is stopped
+        and recorded first, as by `close`."""
+        self._stop_turn()
         with self._lock:
             if self.closed:
                 return
@@ -180,11 +197,11 @@ class Session:
 
     # -- the turn ---------------------------------------------------------------------------------
 
-    def _turn(self, plan: Plan, params: GenerationConfig) -> Iterator[str]:
+    def _turn(self, plan: Plan, params: GenerationConfig) -> Generator[str, None, None]:
         self._check_open()
 
-        def run() -> Iterator[str]:
-            with self._busy():
+        def run() -> Generator[str, None, None]:
+            with self._busy(stream):
                 started = time.perf_counter()
                 self._hold_lease()
                 history, user = plan(list(self.messages))
@@ -194,18 +211,34 @@ class Session:
                 try:
                     kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt, taken.kv)
                     gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
-                    turn = (gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
-                    try:
-                        yield from gen
-                    except GeneratorExit:
-                        self._record(*turn)
-                        raise
-                    self._record(*turn)
+                    delivered = None
+                    with contextlib.suppress(GeneratorExit):  # the consumer closed the stream: what it got is the reply
+                        delivered = yield from self._pieces(gen)
+                    if delivered is not None:
+                        gen.cut(delivered)
+                    self._record(gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
                 finally:
                     keep = gen is not None and self.rt.config.session.reuse
                     self.rt.tiers.checkin(self.id, gen.kv if keep else None)  # type: ignore[union-attr]
 
-        return run()
+        stream = run()
+        return stream
+
+    def _pieces(self, gen: Generation) -> Generator[str, None, int | None]:
+        """Yield the reply's pieces until it ends or the session is being closed from another thread. Returns
+        the characters delivered when a consumer said how many it received (StreamStopped thrown in), else None:
+        everything yielded was received."""
+        pieces = iter(gen)
+        try:
+            for piece in pieces:
+                yield piece
+                if self._closing.is_set():
+                    break
+        except StreamStopped as stop:
+            return stop.delivered
+        finally:
+            pieces.close()  # type: ignore[attr-defined]
+        return None
 
     def _reuse(self, prompt: list[int], own_kv: KV | None) -> tuple[KV | None, int, int, float]:
         """The longest cached start of `prompt`: the session's own KV, else the shared prefix.
@@ -338,18 +371,37 @@ class Session:
             raise SessionClosed(f"session {self.id} is closed; open a new session")
 
     @contextmanager
-    def _busy(self) -> Iterator[None]:
+    def _busy(self, stream: Generator[str, None, None]) -> Iterator[None]:
+        """Hold the session for one turn. A turn asked for by the thread whose own stream of this session is
+        suspended can never start (that stream would wait for it): SessionBusy, whatever `on_busy` says."""
+        me = threading.get_ident()
+        if self._turn_thread == me:
+            raise SessionBusy(
+                f"this thread is still streaming a reply of session {self.id}; read it to the end or close it "
+                "(stream.close()) before sending another message"
+            )
         wait = self.rt.config.session.on_busy == "wait"
         if not self._lock.acquire(blocking=wait):
             raise SessionBusy(
                 f"session {self.id} is answering another message; wait for it to finish "
                 "(or set session.on_busy = 'wait' to queue turns)"
             )
+        self._turn_thread, self._stream = me, stream
         try:
             self._check_open()
             yield
         finally:
+            self._turn_thread = self._stream = None
             self._lock.release()
+
+    def _stop_turn(self) -> None:
+        """Before closing: a turn streaming on another thread stops at its next piece; a stream of this thread,
+        suspended between pieces, is closed now (its text so far recorded), since waiting for it would be
+        waiting for ourselves."""
+        self._closing.set()
+        stream = self._stream
+        if stream is not None and self._turn_thread == threading.get_ident():
+            stream.close()
 
     def _hold_lease(self) -> None:
         """Make sure this process holds the session's lease for the turn about to run. A process that gets the

@@ -3,7 +3,9 @@ and a real redis-server started on a free loopback port for the test session."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -108,3 +110,23 @@ def reference_reply(
         )
     new = out[0, len(prompt) :].tolist()
     return tuple(new[:-1] if new and new[-1] in lm.stop_ids else new)
+
+
+def threaded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """`fn()` on another thread: its result, or its exception raised here; a call that hangs fails the test
+    instead of hanging the suite."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"did not return within {timeout} s (a deadlock?)"
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

@@ -75,3 +75,31 @@ async def aenumerate(pieces):
     async for piece in pieces:
         yield n, piece
         n += 1
+
+
+async def test_a_stopped_stream_records_exactly_what_its_consumer_received(art):
+    """The worker thread must not run ahead of a slow consumer: the recorded reply is what the user saw."""
+    s = await art.open_session()
+
+    async def consume(text: str, received: list[str], stop_after: int) -> None:
+        async with aclosing(s.stream(text, max_new_tokens=200)) as pieces:
+            async for piece in pieces:
+                received.append(piece)
+                await asyncio.sleep(0.005)  # a slow consumer (a network, a screen)
+                if len(received) == stop_after:
+                    break
+
+    for n in range(20):
+        received: list[str] = []
+        if n % 2:  # stopped by break
+            await consume(f"story number {n}", received, n % 5 + 1)
+        else:  # stopped by cancelling the task while it waits for the next piece
+            task = asyncio.create_task(consume(f"story number {n}", received, 10**6))
+            while len(received) < n % 5 + 1:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert s.sync.messages[-1].content == "".join(received), n
+        assert s.last_turn.finish_reason == "cancelled"
+    assert_exact(s.sync, await s.send("and now a whole reply"), 12)

@@ -16,7 +16,7 @@ from chatrt.errors import (
     TooManySessions,
 )
 from chatrt.kv import common_prefix_len
-from tests.conftest import reference_reply
+from tests.conftest import reference_reply, threaded, tiered
 
 WORDS = [
     "the",
@@ -302,6 +302,8 @@ def test_a_second_send_on_a_busy_session_raises_when_configured(tiny_lm):
         stream = s.stream("a long answer please")
         next(stream)  # the turn is running: the session is busy until the stream ends
         with pytest.raises(SessionBusy, match="answering another message"):
+            threaded(lambda: s.send("me too"))
+        with pytest.raises(SessionBusy, match="still streaming"):  # this thread's own stream: never a wait
             s.send("me too")
         other = rt.open_session()
         assert_exact(other, other.send("other sessions are not blocked"), 12)
@@ -393,3 +395,63 @@ def test_nul_and_control_characters_are_text(runtime):
     reply = s.send("a NUL \x00, a bell \x07 and an escape \x1b[31m")
     assert_exact(s, reply, 12)
     assert s.messages[0].content == "a NUL \x00, a bell \x07 and an escape \x1b[31m"
+
+
+def test_closing_a_session_while_this_threads_stream_is_suspended_ends_the_stream(runtime):
+    def scenario():
+        s = runtime.open_session()
+        stream = s.stream("tell me a story", max_new_tokens=40)
+        streamed = next(stream) + next(stream)
+        s.close()  # must not wait for the stream, which waits for this thread
+        assert s.closed and s.messages[-1].content == streamed and s.last_turn.finish_reason == "cancelled"
+        assert next(stream, None) is None  # the stream ended
+        with pytest.raises(SessionClosed):
+            s.send("again")
+
+    threaded(scenario)
+
+
+def test_a_send_while_this_threads_stream_is_suspended_is_busy_not_a_deadlock(runtime):
+    assert runtime.config.session.on_busy == "wait"
+
+    def scenario():
+        s = runtime.open_session()
+        stream = s.stream("first")
+        next(stream)
+        with pytest.raises(SessionBusy, match="still streaming"):
+            s.send("second")
+        with pytest.raises(SessionBusy, match="still streaming"):
+            list(s.stream("third"))
+        stream.close()
+        assert_exact(s, s.send("second"), 12)
+
+    threaded(scenario)
+
+
+def test_closing_the_runtime_while_a_stream_is_suspended_records_it(tiny_lm, redis_url, redis_client):
+    def scenario():
+        rt = tiered(tiny_lm, redis_url)
+        s = rt.open_session(session_id="suspended")
+        stream = s.stream("tell me a story", max_new_tokens=40)
+        streamed = next(stream)
+        rt.close()
+        return streamed
+
+    streamed = threaded(scenario)
+    with tiered(tiny_lm, redis_url) as rt:
+        resumed = rt.session("suspended")
+        assert [m.content for m in resumed.messages] == ["tell me a story", streamed]
+        assert_exact(resumed, resumed.send("go on"), 12)
+
+
+def test_closing_a_session_from_another_thread_stops_its_running_stream(runtime):
+    s = runtime.open_session()
+    stream = s.stream("a very long story", max_new_tokens=2000)
+    pieces = [next(stream)]
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    pieces += list(stream)  # ends early: the session is being closed
+    closer.join(30)
+    assert not closer.is_alive() and s.closed
+    assert s.last_turn.finish_reason == "cancelled" and s.last_turn.generated_tokens < 2000
+    assert s.messages[-1].content == "".join(pieces)
