@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
 
 from chatrt.errors import ConfigError
 
@@ -88,8 +88,15 @@ class TierConfig(_Section):
     redis_ttl_s: int = Field(86400, ge=1)
     redis_chunk_bytes: ByteSize = Field(ByteSize(8 * 2**20), ge=1024)
     """KV is written in values of at most this size (Redis refuses values over 512 MB)."""
+    redis_timeout_s: float = Field(5.0, gt=0)
+    """How long a Redis call may take before Redis counts as unreachable (and the turn goes on without it)."""
+    redis_secret: SecretStr = SecretStr("")
+    """A secret shared by a deployment's processes (better set as CHATRT_TIERS__REDIS_SECRET): records and caches
+    are signed with it (HMAC-SHA256), and ones not signed with it are refused. Empty: sha256 checksums only,
+    which catch corruption but not forgery by whoever can write to Redis."""
     lease_s: float = Field(300.0, gt=0)
-    """A process holds a session for this long after its last turn began; then another process may take it."""
+    """A process holds a session for this long after its last turn (renewed while a turn runs); then another
+    process may take it."""
 
 
 class MetricsConfig(_Section):

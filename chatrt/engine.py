@@ -29,7 +29,7 @@ def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tenso
     assert ids, "prefill needs at least one new token"
     cache = kv.as_cache() if kv is not None else DynamicCache()
     x = torch.tensor([ids], device=lm.device)  # [1, S]
-    out = lm.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float(), cache
 
 
@@ -37,7 +37,7 @@ def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tenso
 def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tensor:
     """Feed one token; return the next logits ([V])."""
     x = torch.tensor([[token]], device=lm.device)  # [1, 1]
-    return lm.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
+    return lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True).logits[0, -1].float()
 
 
 def sample(
@@ -140,6 +140,9 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    prompt_len: int = 0
+    marks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    """(characters handed out, reply tokens that spell them) after each piece: where a stopped reply can be cut."""
 
     def __iter__(self) -> Iterator[str]:
         p, lm = self.params, self.lm
@@ -151,6 +154,7 @@ class Generation:
         # that fails (a cache that does not fit the model) leaves nothing to keep.
         source, self.kv = self.kv, None
         fed = [*(source.ids if source is not None else ()), *self.new_ids]
+        self.prompt_len = len(fed)
         t0 = time.perf_counter()
         logits, cache = prefill(lm, source, self.new_ids)
         self.prefill_s = time.perf_counter() - t0
@@ -168,6 +172,7 @@ class Generation:
                     break
                 self.token_ids.append(token)
                 if piece := stream.push(token):
+                    self.marks.append((stream.emitted, len(self.token_ids)))
                     yield piece
                 if stream.stopped:
                     self.finish_reason = "stop_string"
@@ -192,10 +197,16 @@ class Generation:
             self.kv = KV.from_cache(cache, tuple(fed)) if whole else None
 
     def cut(self, chars: int) -> None:
-        """A stream stopped by a consumer that received only the first `chars` characters: that is the reply
-        (call after iteration ended; the KV keeps every token computed, the next turn's prefix match sorts it out)."""
-        if chars < len(self.text):
-            self.text, self.finish_reason = self.text[:chars], "cancelled"
+        """A stream stopped by a consumer that received only its first `chars` characters (pieces it was handed,
+        so a piece boundary): that is the reply, spelled by the tokens generated up to that piece, and the KV
+        keeps only those. Call once iteration has ended."""
+        if chars >= len(self.text):
+            return
+        self.text, self.finish_reason = self.text[:chars], "cancelled"
+        tokens = next(t for c, t in self.marks if c == chars)
+        self.token_ids = self.token_ids[:tokens]
+        if self.kv is not None:  # a view: the tokens after the cut are no longer part of this session's cache
+            self.kv = self.kv.crop(self.prompt_len + tokens)
 
     @property
     def decode_tokens_per_s(self) -> float:

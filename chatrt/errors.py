@@ -48,12 +48,27 @@ class SessionLeased(ChatrtError):
     """Another process holds this session's lease (it is advancing the conversation there)."""
 
 
+class SessionConflict(ChatrtError):
+    """Another process advanced or closed this session while this turn ran (this process's lease had run out),
+    so this turn was not written over it. The reply this turn produced is in `reply`; the session here has
+    been brought back to the stored transcript."""
+
+    def __init__(self, message: str, reply: str = "") -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 class CacheRejected(ChatrtError):
     """Stored KV that cannot be trusted (another model, a bad checksum, missing chunks); it is recomputed."""
 
 
 class StoreUnavailable(ChatrtError):
     """Redis could not be reached or answered with an error."""
+
+
+class CloseIncomplete(StoreUnavailable):
+    """A session was closed in this process, but Redis could not be reached to delete its keys. The runtime
+    keeps retrying the delete and holds the session's lease meanwhile, so no other process resumes it."""
 
 
 class MetricsUnavailable(ChatrtError):

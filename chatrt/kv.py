@@ -5,7 +5,6 @@ Longest-common-prefix match, crop, byte size, moves between devices, safetensors
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chatrt.errors import CacheRejected
+from chatrt.integrity import Sealer
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class KV:
         return cls(ids, keys, values)
 
 
+MIN_CHUNK_BYTES = 1024  # the least `tiers.redis_chunk_bytes` may be
+_HEADER_BYTES = 64 * 1024  # more than a safetensors header of a few hundred layers takes
+
+
 class KVMeta(BaseModel):
     """What stored KV bytes are, checked against the running model before any tensor is loaded."""
 
@@ -91,10 +95,28 @@ class KVMeta(BaseModel):
     value_shape: tuple[int, ...]
     nbytes: int  # of the serialized blob
     chunks: int
-    sha256: str
+    digest: str
+    """Over this metadata and the blob (sha256, or an HMAC under the deployment's secret): ids included."""
 
 
-def to_chunks(kv: KV, fingerprint: str, chunk_bytes: int) -> tuple[KVMeta, list[memoryview]]:
+@dataclass(frozen=True)
+class KVSpec:
+    """What a cache of the running model must look like; stored metadata that differs in anything is refused."""
+
+    fingerprint: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_tokens: int
+    vocab_size: int
+    bytes_per_token: int
+
+    def max_nbytes(self, tokens: int) -> int:
+        return tokens * self.bytes_per_token + _HEADER_BYTES
+
+
+def to_chunks(kv: KV, fingerprint: str, chunk_bytes: int, sealer: Sealer) -> tuple[KVMeta, list[memoryview]]:
     """`kv` as one safetensors blob (tensors only, nothing executable) cut into chunks of at most `chunk_bytes`."""
     tensors = {f"k{i}": k.contiguous() for i, k in enumerate(kv.keys)}
     tensors |= {f"v{i}": v.contiguous() for i, v in enumerate(kv.values)}
@@ -108,35 +130,64 @@ def to_chunks(kv: KV, fingerprint: str, chunk_bytes: int) -> tuple[KVMeta, list[
         value_shape=tuple(kv.values[0].shape),
         nbytes=len(blob),
         chunks=max(1, -(-len(blob) // chunk_bytes)),
-        sha256=hashlib.sha256(blob).hexdigest(),
+        digest="",
     )
+    meta = meta.model_copy(update={"digest": sealer.digest(_signed_part(meta), blob)})
     return meta, [blob[i : i + chunk_bytes] for i in range(0, len(blob), chunk_bytes)]
 
 
-def from_chunks(meta: KVMeta, chunks: list[bytes | None], fingerprint: str, device: torch.device | str) -> KV:
-    """The KV the chunks hold, on `device`. Raises CacheRejected, never returns KV it cannot vouch for:
-    another model's, a missing or changed chunk, or tensors that do not match the metadata."""
-    if meta.fingerprint != fingerprint:
+def check_meta(meta: KVMeta, spec: KVSpec) -> None:
+    """Refuse (CacheRejected) metadata that cannot describe a cache of the running model, before any of its
+    bytes are read. What a record that passes can cost is bounded by its token count: at most
+    `spec.max_nbytes(spec.max_tokens)` bytes are read (a full context's KV)."""
+    n = len(meta.ids)
+    shape = (1, spec.num_kv_heads, n, spec.head_dim)
+    if meta.fingerprint != spec.fingerprint:
         raise CacheRejected("the cache was computed by another model (fingerprint differs)")
+    if meta.dtype != spec.dtype or meta.num_layers != spec.num_layers:
+        raise CacheRejected(
+            f"the cache is {meta.num_layers} layers of {meta.dtype}; the model has {spec.num_layers} of {spec.dtype}"
+        )
+    if meta.key_shape != shape or meta.value_shape != shape:
+        raise CacheRejected(f"the cache's shapes {meta.key_shape}, {meta.value_shape} are not the model's {shape}")
+    if not 0 < n <= spec.max_tokens or min(meta.ids) < 0 or max(meta.ids) >= spec.vocab_size:
+        raise CacheRejected("the cache's token ids are not ids of this model within its context")
+    if not n * spec.bytes_per_token <= meta.nbytes <= spec.max_nbytes(n):
+        raise CacheRejected(f"the cache claims {meta.nbytes} bytes for {n} tokens")
+    if not 1 <= meta.chunks <= -(-meta.nbytes // MIN_CHUNK_BYTES):
+        raise CacheRejected(f"the cache claims {meta.chunks} chunks for {meta.nbytes} bytes")
+
+
+def from_chunks(
+    meta: KVMeta, chunks: list[bytes | None], spec: KVSpec, sealer: Sealer, device: torch.device | str
+) -> KV:
+    """The KV the chunks hold, on `device`. Raises CacheRejected, never returns KV it cannot vouch for:
+    another model's, a missing or changed chunk, metadata that was altered, or tensors that do not match it."""
+    check_meta(meta, spec)
     if len(chunks) != meta.chunks or any(c is None for c in chunks):
         raise CacheRejected("chunks of the cache are missing (expired or evicted)")
     blob = b"".join(chunks)  # type: ignore[arg-type]
-    if len(blob) != meta.nbytes or hashlib.sha256(blob).hexdigest() != meta.sha256:
-        raise CacheRejected("the cache's checksum does not match its bytes")
+    if len(blob) != meta.nbytes or not sealer.verify(meta.digest, _signed_part(meta), blob):
+        raise CacheRejected(
+            "the cache's digest does not match its bytes and metadata"
+            + (" (or it was not signed with this deployment's secret)" if sealer.signed else "")
+        )
     try:
         tensors = st_load(blob)
         keys = tuple(tensors[f"k{i}"] for i in range(meta.num_layers))
         values = tuple(tensors[f"v{i}"] for i in range(meta.num_layers))
-    except Exception as e:  # the checksum matched, so this is a writer that broke the format
+    except Exception as e:  # the digest matched, so this is a writer that broke the format
         raise CacheRejected(f"the cache's tensors cannot be read: {e}") from None
     if len(tensors) != 2 * meta.num_layers or any(
         tuple(k.shape) != meta.key_shape or tuple(v.shape) != meta.value_shape or str(k.dtype) != f"torch.{meta.dtype}"
         for k, v in zip(keys, values, strict=True)
     ):
         raise CacheRejected("the cache's tensors do not have the shapes and dtype its metadata names")
-    if meta.key_shape[-2] != len(meta.ids):
-        raise CacheRejected("the cache's length does not match its token ids")
     return KV(meta.ids, keys, values).to(device)
+
+
+def _signed_part(meta: KVMeta) -> bytes:
+    return meta.model_dump_json(exclude={"digest"}).encode()
 
 
 def common_prefix_len(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:

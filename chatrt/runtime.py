@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 
 from chatrt.config import Config
-from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
+from chatrt.errors import ChatrtError, InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
+from chatrt.leases import LeaseKeeper
 from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
 from chatrt.prefix import PrefixStore
@@ -34,9 +35,17 @@ class ChatRuntime:
         self.config = config or Config()
         self.template = ChatTemplate(lm.tokenizer)
         tiers = self.config.tiers
-        self.store = (
-            RedisStore(tiers.redis_url, ttl_s=tiers.redis_ttl_s, lease_s=tiers.lease_s) if tiers.redis_url else None
-        )
+        self.store: RedisStore | None = None
+        self.leases: LeaseKeeper | None = None
+        if tiers.redis_url:
+            self.store = RedisStore(
+                tiers.redis_url,
+                ttl_s=tiers.redis_ttl_s,
+                lease_s=tiers.lease_s,
+                timeout_s=tiers.redis_timeout_s,
+                secret=tiers.redis_secret.get_secret_value(),
+            )
+            self.leases = LeaseKeeper(self.store, period_s=tiers.lease_s / 3)
         self.tiers = Tiers(tiers, lm, self.store)
         self.prefixes = PrefixStore(
             lm.info.fingerprint,
@@ -62,7 +71,8 @@ class ChatRuntime:
         return cls(load(config.model, progress), config)
 
     def open_session(self, system_prompt: str | None = None, *, session_id: str | None = None) -> Session:
-        """A new conversation. Without a system prompt the model's template default (if any) applies."""
+        """A new conversation. Without a system prompt the model's template default (if any) applies.
+        With Redis, the id of a closed session may be used again; that of a stored one may not."""
         session_id = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
         if system_prompt is not None:
             check_text(system_prompt, "the system prompt")
@@ -70,47 +80,80 @@ class ChatRuntime:
             if session_id in self._sessions:
                 raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
             self._check_room()
-            lease = None
-            if self.store is not None:
-                try:
-                    if self.store.get_session(session_id) is not None:
-                        raise InvalidMessage(f"session {session_id} exists in Redis; use rt.session(id) to resume it")
-                    lease = self.store.take_lease(session_id)
-                except StoreUnavailable:
-                    self.tiers.count(redis_errors=1)  # the session lives in this process until Redis is back
-            session = Session(self, session_id, system_prompt, lease=lease)
-            self._sessions[session_id] = session
+            session = Session(self, session_id, system_prompt)
+            self._sessions[session_id] = session  # the id is taken here before Redis is asked (outside the lock)
         if self.store is not None:
-            session._store_call(self.store.put_session, session.record())
+            try:
+                session._create_stored()
+            except ChatrtError:
+                session._release()
+                self._forget(session, closed=False)
+                raise
         return session
 
     def session(self, session_id: str) -> Session:
         """The session with this id: open here, or resumed from Redis with its transcript and KV (a bot's user
-        coming back, maybe to another process). Raises SessionLeased while another process holds it."""
+        coming back, maybe to another process). Raises SessionLeased while another process holds it,
+        SessionClosed when it was closed, SessionNotFound when there is none (or its record cannot be trusted)."""
         check_session_id(session_id)
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is not None:
-                return session
-            record = self.store.get_session(session_id) if self.store is not None else None
+        if session is not None:
+            return session
+        if self.store is None:
+            raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
+        self.store.take_lease(session_id)  # first: no other process writes it while it is read
+        try:
+            record = self.store.get_session(session_id)
             if record is None:
-                raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
-            self._check_room()
-            lease = self.store.take_lease(session_id)
-            messages = self.adopt_messages(record)
-            session = Session(
-                self, session_id, record.system_prompt, messages=messages, turns=record.turns, lease=lease
-            )
-            self._sessions[session_id] = session
-        if self.tiers.adopt(record):  # its KV is another model's: the transcript is all that is kept
-            session._store_call(self.store.put_session, record.model_copy(update={"kv": None}))  # type: ignore[union-attr]
+                raise SessionNotFound(f"no session has id {session_id!r} here or in Redis; open a new one")
+            messages = self._transcript(record)
+            with self._lock:
+                if session_id in self._sessions:  # another thread resumed it meanwhile
+                    return self._sessions[session_id]
+                self._check_room()
+                session = Session(
+                    self, session_id, record.system_prompt, messages=messages, turns=record.turns, rev=record.rev
+                )
+                self._sessions[session_id] = session
+        except ChatrtError:
+            with contextlib.suppress(StoreUnavailable):
+                self.store.release_lease(session_id)
+            raise
+        if self.tiers.adopt(record):  # its KV cannot be used: the transcript is all that is kept
+            session._store_call(self.store.put_kv, session_id, None)
         return session
 
     def adopt_messages(self, record: SessionRecord) -> list[Message]:
-        """A stored transcript for this model: replies keep their token ids only if this model wrote them."""
-        if record.fingerprint == self.lm.info.fingerprint:
-            return list(record.messages)
-        return [m.model_copy(update={"token_ids": None}) for m in record.messages]
+        """A stored transcript for this model. A message keeps its token ids only where they can be trusted: a
+        reply this model wrote (same fingerprint) whose ids spell its text; every other message is tokenized
+        from its text, so stored ids can never put control tokens into a prompt."""
+        same = record.fingerprint == self.lm.info.fingerprint
+        return [
+            m
+            if m.token_ids is None or (same and m.role == "assistant" and self.template.spells(m.token_ids, m.content))
+            else m.model_copy(update={"token_ids": None})
+            for m in record.messages
+        ]
+
+    def _transcript(self, record: SessionRecord) -> list[Message]:
+        """The stored transcript, checked as a turn checks its input (a record written by hand or by another
+        version must not break every later turn): text that is text, user and assistant turns in order."""
+        problem = ""
+        try:
+            if record.system_prompt is not None:
+                check_text(record.system_prompt, "its system prompt")
+            for m in record.messages:
+                check_text(m.content, "a message")
+        except InvalidMessage as e:
+            problem = str(e)
+        roles = [m.role for m in record.messages]
+        if not problem and roles != ["user", "assistant"] * (len(roles) // 2):
+            problem = "its messages are not user and assistant turns in order"
+        if problem:
+            self.tiers.count(rejected=1)
+            raise SessionNotFound(f"session {record.session_id}'s stored transcript cannot be used: {problem}")
+        return self.adopt_messages(record)
 
     def sessions(self) -> list[Session]:
         with self._lock:
@@ -151,6 +194,8 @@ class ChatRuntime:
         there with their KV (until their TTL) for another process to resume; without Redis they are gone."""
         for session in self.sessions():
             session.detach()
+        if self.leases is not None:
+            self.leases.close()
         self.tiers.clear()
         self.prefixes.clear()
         self.metrics.close()

@@ -8,26 +8,27 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import redis
 from pydantic import BaseModel, ValidationError
-from redis.lock import Lock
 
 from chatrt.config import GenerationConfig
 from chatrt.engine import Generation, compute_kv
 from chatrt.errors import (
+    CloseIncomplete,
     ConfigError,
     ContextLengthError,
     InvalidMessage,
     SessionBusy,
     SessionClosed,
+    SessionConflict,
     SessionLeased,
     StoreUnavailable,
 )
-from chatrt.kv import KV, common_prefix_len
+from chatrt.kv import KV, KVMeta, common_prefix_len
 from chatrt.prefix import PrefixEntry
 from chatrt.stats import SessionStats, TokenTotals, TurnStats
 from chatrt.store import SessionRecord
@@ -66,7 +67,7 @@ class Session:
         *,
         messages: list[Message] | None = None,
         turns: int = 0,
-        lease: Lock | None = None,
+        rev: str = "",
     ) -> None:
         self.rt = rt
         self.id = session_id
@@ -80,7 +81,7 @@ class Session:
         self._turn_thread: int | None = None  # the thread whose turn holds _lock
         self._stream: Generator[str, None, None] | None = None  # that turn
         self._closing = threading.Event()
-        self._lease = lease
+        self._revs = {rev}  # revs of the stored record that are this process's own writes (see _save)
         self._prefix: PrefixEntry | None = None
         self._last_ids: tuple[int, ...] = ()
         if rt.config.prefix.enabled:
@@ -102,15 +103,15 @@ class Session:
         """Where the session's cache is now: device, host, redis or none."""
         return self.rt.tiers.where(self.id)
 
-    def record(self) -> SessionRecord:
-        """The session as Redis keeps it (its KV described by the tiers when it is there)."""
+    def record(self, kv: KVMeta | None = None) -> SessionRecord:
+        """The session as Redis keeps it, with `kv` (default: what the tiers know of its chunks in Redis)."""
         return SessionRecord(
             session_id=self.id,
             system_prompt=self.system_prompt,
             messages=self.messages,
             turns=self.turns,
             fingerprint=self.rt.lm.info.fingerprint,
-            kv=self.rt.tiers.kv_meta(self.id),
+            kv=kv or self.rt.tiers.kv_meta(self.id),
         )
 
     def send(self, text: str, **options: Any) -> Reply:
@@ -154,8 +155,12 @@ class Session:
         """End the conversation: its KV is freed on every tier, its Redis keys deleted, its prefix hold released.
         A reply streaming on another thread is stopped at its next piece and recorded; a stream of the calling
         thread is closed first. When another process has taken the session over meanwhile (this one's lease ran
-        out), only this process's memory is freed: the session is the other process's now."""
+        out), only this process's memory is freed: the session is the other process's now.
+
+        Raises CloseIncomplete when Redis cannot be reached: the session is closed here, and the runtime retries
+        the delete until Redis answers, holding the session's lease meanwhile so no other process resumes it."""
         self._stop_turn()
+        failed: StoreUnavailable | None = None
         with self._lock:
             if self.closed:
                 return
@@ -163,13 +168,19 @@ class Session:
             store = self.rt.store
             if store is not None:
                 try:
-                    self._lease = store.take_lease(self.id, self._lease)
-                    store.delete_session(self.id)
+                    store.delete_session(self.id)  # and a tombstone: rt.session(id) refuses it everywhere
                 except SessionLeased:
                     pass
-                except StoreUnavailable:
+                except StoreUnavailable as e:
                     self.rt.tiers.count(redis_errors=1)
+                    self.rt.leases.delete_later(self.id)  # type: ignore[union-attr]
+                    failed = e
         self.rt._forget(self)
+        if failed is not None:
+            raise CloseIncomplete(
+                f"session {self.id} is closed in this process, but Redis could not delete it ({failed}); chatrt "
+                "retries until Redis answers and holds the session meanwhile, so no other process resumes it"
+            )
 
     def detach(self) -> None:
         """Leave this process (runtime shutdown): with Redis the session and its KV stay there for another
@@ -179,10 +190,12 @@ class Session:
         with self._lock:
             if self.closed:
                 return
-            if self.rt.store is not None:
-                self._store_call(self.rt.tiers.persist, self.record())
-                if self._lease is not None:
-                    self._store_call(self._lease.release)
+            store = self.rt.store
+            if store is not None:
+                meta, chunks = self.rt.tiers.take_stored(self.id)
+                with contextlib.suppress(SessionConflict):  # another process holds it now: it is that one's
+                    self._save(self.record(kv=meta), chunks)
+                self._store_call(store.release_lease, self.id)
             self._release()
         self.rt._forget(self, closed=False)
 
@@ -201,9 +214,8 @@ class Session:
         self._check_open()
 
         def run() -> Generator[str, None, None]:
-            with self._busy(stream):
+            with self._busy(stream), self._leased():
                 started = time.perf_counter()
-                self._hold_lease()
                 history, user = plan(list(self.messages))
                 history, prompt, dropped = self._fit(history, user, params)
                 taken = self.rt.tiers.checkout(self.id)  # pinned until checked in
@@ -218,7 +230,7 @@ class Session:
                         gen.cut(delivered)
                     self._record(gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
                 finally:
-                    keep = gen is not None and self.rt.config.session.reuse
+                    keep = gen is not None and self.rt.config.session.reuse and not self.closed
                     self.rt.tiers.checkin(self.id, gen.kv if keep else None)  # type: ignore[union-attr]
 
         stream = run()
@@ -281,10 +293,9 @@ class Session:
         prefix_s: float,
         dropped: int,
     ) -> None:
-        tokenizer = self.rt.lm.tokenizer
         ids = tuple(gen.token_ids)
         # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
-        exact = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == gen.text
+        exact = self.rt.template.decode(ids) == gen.text
         reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
         self.messages = [*history, user, reply]
         self.turns += 1
@@ -307,11 +318,18 @@ class Session:
             kv_decision=taken.rejected or (taken.choice.reason if taken.choice else ""),
             dropped_turns=dropped,
         )
-        if self.rt.store is not None:  # the transcript is written through: it survives this process
-            self._store_call(self.rt.store.put_session, self.record())
         self.last_turn = stats
         self.totals.add(stats)
         self.rt.recorder.record(stats)
+        if self.rt.store is None:
+            return
+        try:  # the transcript is written through: it survives this process
+            self._save(self.record())
+        except SessionConflict as e:  # not written over the other process's turn: back to what it stored
+            conflict = SessionConflict(str(e), reply=gen.text)
+            with contextlib.suppress(SessionClosed):  # closed there: closed here too, the conflict says why
+                self._resync()
+            raise conflict from None
 
     # -- checks and helpers -------------------------------------------------------------------------
 
@@ -403,29 +421,70 @@ class Session:
         if stream is not None and self._turn_thread == threading.get_ident():
             stream.close()
 
-    def _hold_lease(self) -> None:
-        """Make sure this process holds the session's lease for the turn about to run. A process that gets the
-        lease back after another advanced the session adopts the newer transcript (the KV's ids sort out reuse)."""
-        store = self.rt.store
-        if store is None:
+    @contextmanager
+    def _leased(self) -> Iterator[None]:
+        """Hold the session's lease for a turn, renewed in the background while the turn runs (a slow consumer
+        must not lose the session to another process). A process that gets the lease back after another
+        advanced the session adopts the newer transcript (the KV's ids sort out reuse). Caller holds _lock."""
+        store, keeper = self.rt.store, self.rt.leases
+        if store is None or keeper is None:
+            yield
             return
         try:
-            held = self._lease is not None and self._lease.owned()
-            self._lease = store.take_lease(self.id, self._lease)
-            if held:
-                return
-            record = store.get_session(self.id)
-        except (StoreUnavailable, redis.RedisError):
+            if not store.take_lease(self.id):  # taken anew: another process may have written meanwhile
+                self._resync()
+        except StoreUnavailable:
             self.rt.tiers.count(redis_errors=1)  # Redis down: the turn goes on in this process alone
+        keeper.hold(self.id)
+        try:
+            yield
+        finally:
+            keeper.release(self.id)
+
+    def _resync(self) -> None:
+        """Adopt the stored transcript when another process wrote it. A session another process closed is
+        closed here too (SessionClosed). Caller holds _lock."""
+        try:
+            record = self.rt.store.get_session(self.id)  # type: ignore[union-attr]
+        except SessionClosed:
+            self._release()
+            self.rt._forget(self)
+            raise SessionClosed(f"session {self.id} was closed by another process; open a new session") from None
+        except StoreUnavailable:
+            self.rt.tiers.count(redis_errors=1)
             return
-        if record is not None and record.turns != self.turns:
-            self.messages, self.turns = self.rt.adopt_messages(record), record.turns
+        if record is not None and record.rev not in self._revs:
+            self.messages, self.turns, self._revs = self.rt.adopt_messages(record), record.turns, {record.rev}
+
+    def _save(self, record: SessionRecord, chunks: list[memoryview] | None = None) -> None:
+        """Write the session to Redis, fenced: over a record this process wrote, never over another's
+        (SessionConflict). With Redis down the write is counted and the turn goes on here; the rev it tried is
+        remembered as this process's own, since the write may have landed before the connection broke."""
+        rev = uuid.uuid4().hex
+        try:
+            self.rt.store.put_session(record.model_copy(update={"rev": rev}), replaces=self._revs, chunks=chunks)  # type: ignore[union-attr]
+        except StoreUnavailable:
+            self.rt.tiers.count(redis_errors=1)
+            self._revs.add(rev)
+            return
+        self._revs = {rev}
+
+    def _create_stored(self) -> None:
+        """Store a new session and take its lease (InvalidMessage when the id exists in Redis, SessionLeased when
+        another process holds it). With Redis down the session lives here; its first turn stores it."""
+        rev = uuid.uuid4().hex
+        try:
+            self.rt.store.create_session(self.record().model_copy(update={"rev": rev}))  # type: ignore[union-attr]
+        except StoreUnavailable:
+            self.rt.tiers.count(redis_errors=1)
+            return
+        self._revs = {rev}
 
     def _store_call(self, fn: Callable[..., Any], *args: Any) -> None:
-        """A write to Redis that must not cost a message: on failure it is counted and the turn goes on."""
+        """A call to Redis that must not cost a message: on failure it is counted and the turn goes on."""
         try:
             fn(*args)
-        except (StoreUnavailable, redis.RedisError):
+        except StoreUnavailable:
             self.rt.tiers.count(redis_errors=1)
 
     def _release(self) -> None:

@@ -1,4 +1,5 @@
-"""The Redis tier's storage: session records and KV chunks under DESIGN's keys, with TTLs, pipelining and leases.
+"""The Redis tier's storage: session records and KV chunks under DESIGN's keys, with TTLs, pipelining, leases
+and fenced writes (a transaction on one session's keys, one hash slot, so it works on Redis Cluster too).
 
 Every Redis failure becomes StoreUnavailable, so callers can fall back to recompute and say so.
 """
@@ -12,22 +13,36 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import redis
 from pydantic import BaseModel, ValidationError
-from redis.lock import Lock
+from redis.client import Pipeline
 
-from chatrt.errors import SessionLeased, StoreUnavailable
+from chatrt.errors import (
+    CacheRejected,
+    ChatrtError,
+    InvalidMessage,
+    SessionClosed,
+    SessionConflict,
+    SessionLeased,
+    StoreUnavailable,
+)
+from chatrt.integrity import Sealer
 from chatrt.kv import KVMeta
 from chatrt.stats import DeploymentStats, RuntimeStats
 from chatrt.template import Message
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 log = logging.getLogger("chatrt")
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class SessionRecord(BaseModel):
@@ -38,14 +53,18 @@ class SessionRecord(BaseModel):
     system_prompt: str | None
     messages: list[Message]
     turns: int
-    """Bumped by every turn, so a process that held the session earlier sees that another advanced it."""
     fingerprint: str
     """Of the model that wrote the transcript; another model must re-tokenize the replies."""
     kv: KVMeta | None = None
+    rev: str = ""
+    """New with every write of the transcript. A write names the revs it may replace, so a process whose lease
+    ran out cannot write over a turn another process answered meanwhile (a fencing token)."""
+    sig: str = ""
+    """Digest of everything above (an HMAC under the deployment's secret when one is set)."""
 
 
 def session_key(session_id: str, part: str) -> str:
-    # The hash tag keeps one session's keys on one Redis Cluster slot.
+    # The hash tag keeps one session's keys on one Redis Cluster slot, so its transactions work there too.
     return f"chatrt:{{{session_id}}}:{part}"
 
 
@@ -57,73 +76,218 @@ def runtime_key(instance: str) -> str:
     return f"chatrt:runtime:{instance}"
 
 
+@dataclass
+class _Stored:
+    """A session's keys as one fenced transaction sees them."""
+
+    record: SessionRecord | None  # None: absent, or present but not to be trusted
+    holder: bytes | None  # the lease's value: the owner token of the process holding it
+    closed: bool  # a tombstone: the session was closed
+
+
 class RedisStore:
-    def __init__(self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0, secret: str = ""
+    ) -> None:
         self.url, self.ttl_s, self.lease_s = url, ttl_s, lease_s
+        self.sealer = Sealer(secret)
+        self.owner = uuid.uuid4().hex.encode()
+        """The value of every lease this store holds: one token per process (per runtime)."""
         self.up = True
         """False since a call failed, until one succeeds."""
         try:
             self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as e:
             raise StoreUnavailable(f"tiers.redis_url {url!r} is not a Redis URL: {e}") from None
+        self._renew = self.client.register_script(_RENEW)
+        self._release = self.client.register_script(_RELEASE)
 
     # -- sessions --------------------------------------------------------------------------------
 
     def get_session(self, session_id: str) -> SessionRecord | None:
+        """The stored record; None when there is none or it cannot be trusted (unreadable, another session's, not
+        signed with this deployment's secret). Raises SessionClosed when the session was closed."""
         with self._guard("read a session"):
-            raw = self.client.get(session_key(session_id, "meta"))
-        return _parse(SessionRecord, raw)
+            raw, closed = self.client.mget(session_key(session_id, "meta"), session_key(session_id, "closed"))
+        record = self._trusted(session_id, raw)
+        if record is None and closed is not None:
+            raise SessionClosed(f"session {session_id} was closed; open a new session")
+        return record
 
-    def put_session(self, record: SessionRecord, chunks: list[memoryview] | None = None) -> None:
-        """Write the record, and with `chunks` the KV its `kv` names; chunks of an older KV are deleted."""
+    def create_session(self, record: SessionRecord) -> None:
+        """Store a new session (a closed one's id may be used again) and take its lease.
+        Raises InvalidMessage when a session with this id is stored, SessionLeased while another process holds it."""
         sid = record.session_id
-        with self._guard("write a session"):
-            old = _parse(SessionRecord, self.client.get(session_key(sid, "meta")))
-            new_count = record.kv.chunks if record.kv is not None else 0
-            pipe = self.client.pipeline(transaction=True)
-            for n, chunk in enumerate(chunks or ()):
-                pipe.set(session_key(sid, f"kv:{n}"), chunk, ex=self.ttl_s)
-            stale = range(new_count, old.kv.chunks if old is not None and old.kv is not None else 0)
-            if stale:
-                pipe.delete(*(session_key(sid, f"kv:{n}") for n in stale))
-            if chunks is None and record.kv is not None:  # the KV stays as it is: keep its chunks alive as long
-                for n in range(record.kv.chunks):
-                    pipe.expire(session_key(sid, f"kv:{n}"), self.ttl_s)
+
+        def write(pipe: Pipeline, now: _Stored) -> None:
+            if now.record is not None:
+                raise InvalidMessage(f"session {sid} exists in Redis; use rt.session(id) to resume it")
+            self._check_holder(sid, now, SessionLeased)
+            pipe.multi()
+            pipe.set(session_key(sid, "meta"), self._sealed(record).model_dump_json(), ex=self.ttl_s)
+            pipe.set(session_key(sid, "lease"), self.owner, px=self._lease_ms)
+            pipe.delete(session_key(sid, "closed"))
+
+        self._fenced(sid, "create a session", write)
+
+    def put_session(
+        self, record: SessionRecord, *, replaces: Collection[str], chunks: list[memoryview] | None = None
+    ) -> None:
+        """Write the transcript (`record.rev` new), and with `chunks` the KV its `kv` names; chunks of an older
+        KV are deleted. Fenced: only while no other process holds the lease (this process takes or renews it)
+        and the stored rev is one of `replaces` (a record that expired may be written again). Raises
+        SessionConflict when another process holds the session, wrote a newer transcript or closed it."""
+        sid = record.session_id
+
+        def write(pipe: Pipeline, now: _Stored) -> None:
+            self._check_holder(sid, now, SessionConflict)
+            if now.record is None and now.closed:
+                raise SessionConflict(f"session {sid} was closed by another process; this turn was not saved")
+            if now.record is not None and now.record.rev not in replaces:
+                raise SessionConflict(
+                    f"another process answered session {sid} while this process's lease had run out; this turn "
+                    "was not saved over it"
+                )
+            pipe.multi()
+            self._queue_kv(pipe, sid, record.kv, chunks, now.record)
+            pipe.set(session_key(sid, "meta"), self._sealed(record).model_dump_json(), ex=self.ttl_s)
+            pipe.set(session_key(sid, "lease"), self.owner, px=self._lease_ms)
+
+        self._fenced(sid, "write a session", write)
+
+    def put_kv(self, session_id: str, meta: KVMeta | None, chunks: list[memoryview] | None = None) -> bool:
+        """Attach a KV to the stored transcript (or with None, drop the stored one), leaving the transcript as
+        it is. Refused (False) when the session is not stored or another process holds its lease."""
+        sid = session_id
+
+        def write(pipe: Pipeline, now: _Stored) -> bool:
+            if now.record is None or now.holder not in (None, self.owner):
+                return False
+            pipe.multi()
+            self._queue_kv(pipe, sid, meta, chunks, now.record)
+            record = self._sealed(now.record.model_copy(update={"kv": meta}))
             pipe.set(session_key(sid, "meta"), record.model_dump_json(), ex=self.ttl_s)
-            pipe.execute()
+            return True
 
-    def get_chunks(self, keys: list[str]) -> list[bytes | None]:
-        with self._guard("read a cache"):
-            return self.client.mget(keys) if keys else []
-
-    def session_chunks(self, session_id: str, meta: KVMeta) -> list[bytes | None]:
-        return self.get_chunks([session_key(session_id, f"kv:{n}") for n in range(meta.chunks)])
+        return self._fenced(sid, "write a cache", write)
 
     def delete_session(self, session_id: str) -> None:
-        """Every key of the session: record, KV chunks, lease."""
-        with self._guard("delete a session"):
-            old = _parse(SessionRecord, self.client.get(session_key(session_id, "meta")))
-            count = old.kv.chunks if old is not None and old.kv is not None else 0
-            keys = [session_key(session_id, p) for p in ("meta", "lease", *(f"kv:{n}" for n in range(count)))]
-            self.client.delete(*keys)
+        """Every key of the session (record, KV chunks, lease), and a tombstone in their place that expires with
+        them, so that no process resumes it. Raises SessionLeased while another process holds it."""
+        sid = session_id
 
-    def take_lease(self, session_id: str, lease: Lock | None = None) -> Lock:
-        """The session's lease (SET NX with expiry), so one process advances a session at a time: `lease` renewed
-        when this process still holds it, else taken anew. Raises SessionLeased while another process holds it."""
-        if lease is None:
-            lease = self.client.lock(
-                session_key(session_id, "lease"), timeout=self.lease_s, blocking=False, thread_local=False
-            )
+        def write(pipe: Pipeline, now: _Stored) -> None:
+            self._check_holder(sid, now, SessionLeased)
+            count = now.record.kv.chunks if now.record is not None and now.record.kv is not None else 0
+            pipe.multi()
+            pipe.delete(*(session_key(sid, p) for p in ("meta", "lease", *(f"kv:{n}" for n in range(count)))))
+            pipe.set(session_key(sid, "closed"), b"1", ex=self.ttl_s)
+
+        self._fenced(sid, "delete a session", write)
+
+    def get_chunks(self, keys: list[str], nbytes: int) -> list[bytes | None]:
+        """The values of `keys`, read only when their sizes add up to `nbytes`: metadata that lies about its
+        chunks cannot make this process read more than it declared (and checks against the model)."""
+        if not keys:
+            return []
+        with self._guard("read a cache"):
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.strlen(key)
+            sizes = pipe.execute()
+            if 0 in sizes or sum(sizes) != nbytes:
+                raise CacheRejected("chunks of the cache are missing or not the size its metadata says")
+            return self.client.mget(keys)
+
+    def session_chunks(self, session_id: str, meta: KVMeta) -> list[bytes | None]:
+        return self.get_chunks([session_key(session_id, f"kv:{n}") for n in range(meta.chunks)], meta.nbytes)
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def take_lease(self, session_id: str) -> bool:
+        """Hold the session's lease for `lease_s` more: renewed when this process holds it (returns True: held
+        without a break, so nobody else wrote meanwhile), else taken anew (False). Raises SessionLeased while
+        another process holds it."""
+        key = session_key(session_id, "lease")
         with self._guard("take a session's lease"):
-            if lease.owned():
-                lease.reacquire()
-                return lease
-            if lease.acquire():
-                return lease
+            if self._renew(keys=[key], args=[self.owner, self._lease_ms]):
+                return True
+            if self.client.set(key, self.owner, nx=True, px=self._lease_ms):
+                return False
         raise SessionLeased(
             f"session {session_id} is in use by another process; try again when it is done "
             f"(its lease lasts {self.lease_s:g} s after its last turn)"
         )
+
+    def renew_lease(self, session_id: str) -> bool:
+        """Extend the lease this process holds; False when it does not hold it any more."""
+        with self._guard("renew a session's lease"):
+            return bool(self._renew(keys=[session_key(session_id, "lease")], args=[self.owner, self._lease_ms]))
+
+    def release_lease(self, session_id: str) -> None:
+        with self._guard("release a session's lease"):
+            self._release(keys=[session_key(session_id, "lease")], args=[self.owner])
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self.lease_s * 1000))
+
+    # -- fenced transactions ---------------------------------------------------------------------
+
+    def _fenced(self, session_id: str, what: str, write: Callable[[Pipeline, _Stored], R]) -> R:
+        """Run `write` in a transaction on the session's keys (one hash slot): it sees them as they are and
+        queues its commands after `pipe.multi()`; when another client changes a key before they run, it runs
+        again on the new state (optimistic locking with WATCH)."""
+        keys = [session_key(session_id, p) for p in ("meta", "lease", "closed")]
+        with self._guard(what):
+            for _ in range(16):
+                with self.client.pipeline(transaction=True) as pipe:
+                    try:
+                        pipe.watch(*keys)
+                        raw, holder, closed = pipe.mget(keys)
+                        result = write(pipe, _Stored(self._trusted(session_id, raw), holder, closed is not None))
+                        if pipe.explicit_transaction:
+                            pipe.execute()
+                        return result
+                    except redis.WatchError:
+                        continue
+            raise StoreUnavailable(f"could not {what}: its keys kept changing under 16 tries")
+
+    def _check_holder(self, session_id: str, now: _Stored, error: type[ChatrtError]) -> None:
+        if now.holder not in (None, self.owner):
+            raise error(
+                f"session {session_id} is in use by another process; try again when it is done "
+                f"(its lease lasts {self.lease_s:g} s after its last turn)"
+            )
+
+    def _queue_kv(
+        self, pipe: Pipeline, sid: str, meta: KVMeta | None, chunks: list[memoryview] | None, old: SessionRecord | None
+    ) -> None:
+        """Queue the writes that leave exactly `meta`'s chunks stored: new ones set, stale ones deleted, kept
+        ones given the record's TTL again."""
+        for n, chunk in enumerate(chunks or ()):
+            pipe.set(session_key(sid, f"kv:{n}"), chunk, ex=self.ttl_s)
+        new_count = meta.chunks if meta is not None else 0
+        stale = range(new_count, old.kv.chunks if old is not None and old.kv is not None else 0)
+        if stale:
+            pipe.delete(*(session_key(sid, f"kv:{n}") for n in stale))
+        if chunks is None and meta is not None:
+            for n in range(meta.chunks):
+                pipe.expire(session_key(sid, f"kv:{n}"), self.ttl_s)
+
+    def _sealed(self, record: SessionRecord) -> SessionRecord:
+        return record.model_copy(update={"sig": self.sealer.digest(_record_bytes(record))})
+
+    def _trusted(self, session_id: str, raw: bytes | None) -> SessionRecord | None:
+        if raw is None:
+            return None
+        record = _parse(SessionRecord, raw)
+        sealed = record is not None and self.sealer.verify(record.sig, _record_bytes(record))
+        if record is not None and sealed and record.session_id == session_id:
+            return record
+        log.warning("refused the stored record of session %s: unreadable, another session's, altered or not signed "
+                    "with this deployment's secret", session_id)  # fmt: skip
+        return None
 
     # -- prefixes --------------------------------------------------------------------------------
 
@@ -132,7 +296,7 @@ class RedisStore:
             return _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
 
     def prefix_chunks(self, digest: str, meta: KVMeta) -> list[bytes | None]:
-        return self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)])
+        return self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)], meta.nbytes)
 
     def put_prefix(self, digest: str, meta: KVMeta, chunks: list[memoryview]) -> None:
         with self._guard("write a prefix"):
@@ -194,6 +358,10 @@ class RedisStore:
         if not self.up:
             log.warning("Redis at %s is back", self.url)
         self.up = True
+
+
+def _record_bytes(record: SessionRecord) -> bytes:
+    return record.model_dump_json(exclude={"sig"}).encode()
 
 
 def _parse(model: type[M], raw: bytes | None) -> M | None:

@@ -83,6 +83,14 @@ class ChatTemplate:
                 ids += list(m.token_ids) if m.token_ids is not None else self._encode(m.content, split_special=True)
         return ids
 
+    def decode(self, ids: tuple[int, ...] | list[int]) -> str:
+        """The text of generated ids, exactly (special tokens and spaces as they are)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def spells(self, ids: tuple[int, ...], text: str) -> bool:
+        """Whether `ids` are ids of this tokenizer that decode to exactly `text`."""
+        return all(0 <= i < len(self.tokenizer) for i in ids) and self.decode(ids) == text
+
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` as plain text: control-token strings in it stay text."""
         return self._encode(text, split_special=True)

@@ -20,7 +20,8 @@ from chatrt.config import TierConfig
 from chatrt.cost import Choice, CostModel
 from chatrt.engine import compute_kv
 from chatrt.errors import CacheRejected, StoreUnavailable
-from chatrt.kv import KV, KVMeta, from_chunks, to_chunks
+from chatrt.integrity import Sealer
+from chatrt.kv import KV, KVMeta, check_meta, from_chunks, to_chunks
 from chatrt.model import LoadedModel
 from chatrt.stats import TierCounters, TierUsage
 from chatrt.store import RedisStore, SessionRecord
@@ -71,6 +72,8 @@ class Tiers:
     def __init__(self, config: TierConfig, lm: LoadedModel, store: RedisStore | None) -> None:
         self.config, self.lm, self.store = config, lm, store
         self.fingerprint = lm.info.fingerprint
+        self.spec = lm.kv_spec
+        self.sealer = store.sealer if store is not None else Sealer()
         self.cost = CostModel({"prefill": self._probe_prefill, "host": self._probe_host, "redis": self._probe_redis})
         self.counters = TierCounters()
         self.moves: deque[Move] = deque(maxlen=1024)
@@ -106,9 +109,11 @@ class Tiers:
         Returns why a stored cache was refused ("" when accepted or absent)."""
         if record.kv is None:
             return ""
-        if record.kv.fingerprint != self.fingerprint:
+        try:
+            check_meta(record.kv, self.spec)
+        except CacheRejected as e:
             self.count(rejected=1)
-            return "the cache was computed by another model (fingerprint differs)"
+            return str(e)
         with self._lock:
             self._ladder.lru["redis"][record.session_id] = Slot(None, record.kv, record.kv.nbytes)
         return ""
@@ -137,18 +142,18 @@ class Tiers:
                 lru.pop(session_id, None)
             self._ladder.pinned.pop(session_id, None)
 
-    def persist(self, record: SessionRecord) -> None:
-        """Runtime shutdown: write the session with its KV to Redis (when the KV is in memory), then forget it here."""
-        assert self.store is not None
+    def take_stored(self, session_id: str) -> tuple[KVMeta | None, list[memoryview] | None]:
+        """Runtime shutdown: forget the session's KV here and return what Redis should keep of it: the metadata
+        and chunks of a KV that was in memory, or the metadata of the chunks already in Redis (no chunks)."""
         with self._lock:
-            tier, slot = self._find(record.session_id)
-            self.drop(record.session_id)
-        if slot is not None and tier != "redis":
-            assert slot.kv is not None
-            meta, chunks = self._chunks(slot.kv)
-            self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
-        else:
-            self.store.put_session(record.model_copy(update={"kv": slot.meta if slot is not None else None}))
+            tier, slot = self._find(session_id)
+            self.drop(session_id)
+        if slot is None:
+            return None, None
+        if tier == "redis":
+            return slot.meta, None
+        assert slot.kv is not None
+        return self._chunks(slot.kv)
 
     def clear(self) -> None:
         with self._lock:
@@ -178,7 +183,7 @@ class Tiers:
             ):
                 return None
             t0 = time.perf_counter()
-            kv = from_chunks(meta, self.store.prefix_chunks(key, meta), self.fingerprint, self.lm.device)
+            kv = from_chunks(meta, self.store.prefix_chunks(key, meta), self.spec, self.sealer, self.lm.device)
         except CacheRejected:
             self.count(rejected=1)
             return None
@@ -253,7 +258,7 @@ class Tiers:
             return slot.kv.to(self.lm.device)
         assert self.store is not None and slot.meta is not None
         return from_chunks(
-            slot.meta, self.store.session_chunks(session_id, slot.meta), self.fingerprint, self.lm.device
+            slot.meta, self.store.session_chunks(session_id, slot.meta), self.spec, self.sealer, self.lm.device
         )
 
     def _after_promotion(self, session_id: str, tier: Tier) -> None:
@@ -261,9 +266,7 @@ class Tiers:
         if tier != "redis" or self.store is None:
             return
         try:
-            record = self.store.get_session(session_id)
-            if record is not None:
-                self.store.put_session(record.model_copy(update={"kv": None}))
+            self.store.put_kv(session_id, None)
         except StoreUnavailable:
             self.count(redis_errors=1)
 
@@ -310,10 +313,9 @@ class Tiers:
         assert slot.kv is not None
         if self.store is not None:
             try:
-                record = self.store.get_session(session_id)
-                if record is not None:  # no record: the session was closed meanwhile
-                    meta, chunks = self._chunks(slot.kv)
-                    self.store.put_session(record.model_copy(update={"kv": meta}), chunks)
+                meta, chunks = self._chunks(slot.kv)
+                # Refused when the session is not stored (closed meanwhile) or another process holds it now.
+                if self.store.put_kv(session_id, meta, chunks):
                     self._ladder.lru["redis"][session_id] = Slot(None, meta, meta.nbytes)
                     self.count(demotions=1)
                     self._log(session_id, "host", "redis")
@@ -331,7 +333,7 @@ class Tiers:
         return len(self._ladder.lru[tier]) + (len(self._ladder.pinned) if tier == "device" else 0)
 
     def _chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
-        return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes)
+        return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes, self.sealer)
 
     def _bytes(self, tier: Tier) -> int:
         pinned = sum(self._ladder.pinned.values()) if tier == "device" else 0
@@ -368,13 +370,13 @@ class Tiers:
         """A KV-shaped round trip through Redis (write, read, checksum, load), and the fixed latency of one."""
         assert self.store is not None
         info = self.lm.info
-        per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * self.lm.dtype.itemsize
-        tokens = max(16, _PROBE_BYTES // per_token)
+        tokens = min(info.max_context, max(16, _PROBE_BYTES // info.kv_bytes_per_token))
         layers = [
             torch.zeros((1, info.num_kv_heads, tokens, info.head_dim), dtype=self.lm.dtype)
             for _ in range(2 * info.num_layers)
         ]
-        kv = KV(tuple(range(tokens)), tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
+        ids = tuple(n % info.vocab_size for n in range(tokens))
+        kv = KV(ids, tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
         meta, chunks = self._chunks(kv)
         key = f"chatrt:probe:{uuid.uuid4().hex}"  # probes of other threads and processes use their own keys
         keys = [f"{key}:{n}" for n in range(len(chunks))]
@@ -384,7 +386,7 @@ class Tiers:
             self.store.client.get(key)
             self.cost.set_latency("redis", time.perf_counter() - t0)
             t0 = time.perf_counter()
-            from_chunks(meta, self.store.get_chunks(keys), self.fingerprint, self.lm.device)
+            from_chunks(meta, self.store.get_chunks(keys, meta.nbytes), self.spec, self.sealer, self.lm.device)
             return meta.nbytes, time.perf_counter() - t0
         finally:
             with contextlib.suppress(redis.RedisError):

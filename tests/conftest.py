@@ -130,3 +130,8 @@ def threaded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+def live_keys(client: redis.Redis) -> list[bytes]:
+    """chatrt's keys in Redis but the tombstones of closed sessions (a few bytes each, expiring with the TTL)."""
+    return sorted(k for k in client.keys("chatrt:*") if not k.endswith(b":closed"))

@@ -9,7 +9,7 @@ from contextlib import aclosing
 import pytest
 
 from chatrt import AsyncChatRuntime, InvalidMessage
-from tests.test_session import assert_exact
+from tests.test_session import assert_exact, assert_kv_agrees
 
 
 @pytest.fixture
@@ -102,4 +102,5 @@ async def test_a_stopped_stream_records_exactly_what_its_consumer_received(art):
                 await task
         assert s.sync.messages[-1].content == "".join(received), n
         assert s.last_turn.finish_reason == "cancelled"
+        assert_kv_agrees(s.sync)  # the cache keeps the tokens of what was received, nothing after
     assert_exact(s.sync, await s.send("and now a whole reply"), 12)

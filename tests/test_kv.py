@@ -5,7 +5,9 @@ import torch
 
 from chatrt.engine import compute_kv, prefill
 from chatrt.errors import CacheRejected
-from chatrt.kv import KV, common_prefix_len, from_chunks, to_chunks
+from chatrt.integrity import Sealer
+from chatrt.kv import KV, check_meta, common_prefix_len, from_chunks, to_chunks
+from tests.conftest import tiny_llama
 
 
 def test_common_prefix_len():
@@ -59,28 +61,60 @@ def test_to_same_device_is_identity(tiny_lm):
 
 def test_bytes_round_trip_is_bit_exact_and_chunked(tiny_lm):
     kv = compute_kv(tiny_lm, tuple(range(200, 260))).crop(50)  # views: serialization must not need contiguity
-    fp = tiny_lm.info.fingerprint
-    meta, chunks = to_chunks(kv, fp, chunk_bytes=4096)
+    meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, chunk_bytes=4096, sealer=Sealer())
     assert meta.chunks == len(chunks) > 1 and all(len(c) <= 4096 for c in chunks)
     assert meta.ids == kv.ids and meta.nbytes == sum(len(c) for c in chunks)
-    back = from_chunks(meta, [bytes(c) for c in chunks], fp, "cpu")
+    back = from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, Sealer(), "cpu")
     assert back.ids == kv.ids
     assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, kv.keys + kv.values, strict=True))
+
+
+def flip(chunk: bytes) -> bytes:
+    return chunk[:-1] + bytes([chunk[-1] ^ 1])
 
 
 @pytest.mark.parametrize(
     "spoil, reason",
     [
         (lambda meta, chunks: (meta, [*chunks[:-1], None]), "missing"),
-        (lambda meta, chunks: (meta, [chunks[0][:-1] + bytes([chunks[0][-1] ^ 1]), *chunks[1:]]), "checksum"),
+        (lambda meta, chunks: (meta, [flip(chunks[0]), *chunks[1:]]), "digest"),
         (lambda meta, chunks: (meta.model_copy(update={"fingerprint": "other"}), chunks), "another model"),
-        (lambda meta, chunks: (meta.model_copy(update={"ids": meta.ids[:-1]}), chunks), "length"),
+        (lambda meta, chunks: (meta.model_copy(update={"ids": (9, *meta.ids[1:])}), chunks), "digest"),
+        (lambda meta, chunks: (meta.model_copy(update={"ids": meta.ids[:-1]}), chunks), "shapes"),
         (lambda meta, chunks: (meta.model_copy(update={"key_shape": (1, 1, 1, 1)}), chunks), "shapes"),
+        (lambda meta, chunks: (meta.model_copy(update={"num_layers": 1}), chunks), "layers"),
+        (lambda meta, chunks: (meta.model_copy(update={"dtype": "float16"}), chunks), "float16"),
+        (lambda meta, chunks: (meta.model_copy(update={"chunks": 3_000_000}), chunks), "3000000 chunks"),
+        (lambda meta, chunks: (meta.model_copy(update={"nbytes": 2**40}), chunks), "bytes"),
+        (lambda meta, chunks: (meta.model_copy(update={"ids": (10**9, *meta.ids[1:])}), chunks), "token ids"),
     ],
 )
 def test_untrusted_bytes_are_rejected_never_loaded(tiny_lm, spoil, reason):
-    fp = tiny_lm.info.fingerprint
-    meta, chunks = to_chunks(compute_kv(tiny_lm, (1, 2, 3, 4)), fp, chunk_bytes=1024)
+    meta, chunks = to_chunks(compute_kv(tiny_lm, (1, 2, 3, 4)), tiny_lm.info.fingerprint, 1024, Sealer())
     meta, chunks = spoil(meta, [bytes(c) for c in chunks])
     with pytest.raises(CacheRejected, match=reason):
-        from_chunks(meta, chunks, fp, "cpu")
+        from_chunks(meta, chunks, tiny_lm.kv_spec, Sealer(), "cpu")
+
+
+def test_metadata_that_does_not_fit_the_model_is_refused_before_anything_is_read(tokenizer, tiny_lm):
+    """A forger can make metadata and bytes agree (and recompute a sha256); they must still fit this model."""
+    other = tiny_llama(tokenizer, dtype=torch.float16)  # another dtype: its caches are no use to a float32 model
+    kv = compute_kv(other, (1, 2, 3, 4))
+    meta, _ = to_chunks(kv, tiny_lm.info.fingerprint, 1024, Sealer())  # the forger copies the fingerprint
+    with pytest.raises(CacheRejected, match="float16"):
+        check_meta(meta, tiny_lm.kv_spec)
+    short = KV(kv.ids, kv.keys[:1], kv.values[:1])
+    with pytest.raises(CacheRejected, match="1 layers"):
+        check_meta(to_chunks(short, tiny_lm.info.fingerprint, 1024, Sealer())[0], tiny_lm.kv_spec)
+
+
+def test_with_a_secret_only_caches_signed_with_it_are_accepted(tiny_lm):
+    kv = compute_kv(tiny_lm, (1, 2, 3, 4))
+    ours, forged = Sealer("s3cret"), Sealer()  # the forger has everything but the secret
+    meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, 1024, ours)
+    assert meta.digest.startswith("hmac-sha256:")
+    assert from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, ours, "cpu").ids == kv.ids
+    for sealer in (forged, Sealer("guess")):
+        meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, 1024, sealer)
+        with pytest.raises(CacheRejected, match="secret"):
+            from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, ours, "cpu")

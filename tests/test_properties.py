@@ -12,7 +12,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import tiered
+from tests.conftest import live_keys, tiered
 from tests.test_session import SYSTEMS, assert_exact, assert_kv_agrees, random_message
 
 SLOTS = 2  # sessions per thread
@@ -93,5 +93,5 @@ def test_any_sequence_of_actions_stays_exact_and_leaves_nothing(tiny_lm, redis_u
     rt.close()
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
-    assert client.keys("chatrt:*") == []
+    assert live_keys(client) == []
     client.close()

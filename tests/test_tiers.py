@@ -13,7 +13,7 @@ import pytest
 
 from chatrt import ChatRuntime, Config
 from chatrt.errors import SessionClosed, SessionLeased
-from tests.conftest import reference_reply, tiered, tiny_llama
+from tests.conftest import live_keys, reference_reply, tiered, tiny_llama
 from tests.test_session import assert_exact, chat_in_threads, random_message
 
 
@@ -120,7 +120,7 @@ def test_a_corrupt_cache_in_redis_costs_time_not_a_message(tiny_lm, redis_url, r
         redis_client.setrange("chatrt:{s0}:kv:0", 100, b"\x00garbage")
         reply = sessions[0].send("are you still there?")
         assert_exact(sessions[0], reply, 12)
-        assert reply.stats.reused_session_tokens == 0 and "checksum" in reply.stats.kv_decision
+        assert reply.stats.reused_session_tokens == 0 and "digest" in reply.stats.kv_decision
         assert rt.stats().tier_counters.rejected == 1
 
 
@@ -142,8 +142,9 @@ def test_closing_frees_every_tier_and_every_key(tiny_lm, redis_url, redis_client
         assert all(u.bytes == 0 and u.sessions == 0 for u in stats.tiers.values())
         assert stats.kv_bytes == 0 and stats.sessions_open == 0 and stats.sessions_closed == 200
         assert [ref() for ref in alive] == [None] * len(alive)
-        assert redis_client.keys("chatrt:*") == [f"chatrt:runtime:{rt.instance}".encode()]  # only its own stats
-    assert redis_client.keys("chatrt:*") == []
+        assert live_keys(redis_client) == [f"chatrt:runtime:{rt.instance}".encode()]  # only its own stats
+        assert len(redis_client.keys("chatrt:*:closed")) == 200  # a tombstone per closed session
+    assert live_keys(redis_client) == []
 
 
 def test_a_session_resumes_in_another_runtime_with_its_kv(tiny_lm, redis_url, redis_client):
@@ -163,7 +164,7 @@ def test_a_session_resumes_in_another_runtime_with_its_kv(tiny_lm, redis_url, re
         assert_exact(resumed, reply, 12)
         assert reply.stats.kv_source == "redis" and reply.stats.reused_session_tokens > 0
         resumed.close()
-    assert redis_client.keys("chatrt:*") == []
+    assert live_keys(redis_client) == []
 
 
 def test_a_process_that_lost_its_lease_adopts_the_newer_transcript(tiny_lm, redis_url, redis_client):
@@ -193,7 +194,7 @@ def test_closing_a_session_another_process_took_over_leaves_it_to_that_process(t
         assert_exact(taken, taken.send("still here"), 12)
         taken.close()
     a.close()
-    assert redis_client.keys("chatrt:*") == []
+    assert live_keys(redis_client) == []
 
 
 def test_another_models_cache_is_refused_but_its_transcript_kept(tokenizer, tiny_lm, redis_url, redis_client):
