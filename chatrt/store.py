@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,6 +44,10 @@ M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Chunks n, n+1, ... of a session (KEYS[1] = its "kv:" prefix, one slot) up to the first missing one: the count
+# stored metadata claims is never trusted, so a forged record cannot make a delete or a renewal cost more.
+_DELETE_CHUNKS = "local n = tonumber(ARGV[1]) while redis.call('del', KEYS[1] .. n) == 1 do n = n + 1 end return n"
+_EXPIRE_CHUNKS = "local n = 0 while redis.call('expire', KEYS[1] .. n, ARGV[1]) == 1 do n = n + 1 end return n"
 
 
 class SessionRecord(BaseModel):
@@ -149,7 +154,7 @@ class RedisStore:
                     "was not saved over it"
                 )
             pipe.multi()
-            self._queue_kv(pipe, sid, record.kv, chunks, now.record)
+            self._queue_kv(pipe, sid, record.kv, chunks)
             pipe.set(session_key(sid, "meta"), self._sealed(record).model_dump_json(), ex=self.ttl_s)
             pipe.set(session_key(sid, "lease"), self.owner, px=self._lease_ms)
 
@@ -164,7 +169,7 @@ class RedisStore:
             if now.record is None or now.holder not in (None, self.owner):
                 return False
             pipe.multi()
-            self._queue_kv(pipe, sid, meta, chunks, now.record)
+            self._queue_kv(pipe, sid, meta, chunks)
             record = self._sealed(now.record.model_copy(update={"kv": meta}))
             pipe.set(session_key(sid, "meta"), record.model_dump_json(), ex=self.ttl_s)
             return True
@@ -178,9 +183,9 @@ class RedisStore:
 
         def write(pipe: Pipeline, now: _Stored) -> None:
             self._check_holder(sid, now, SessionLeased)
-            count = now.record.kv.chunks if now.record is not None and now.record.kv is not None else 0
             pipe.multi()
-            pipe.delete(*(session_key(sid, p) for p in ("meta", "lease", *(f"kv:{n}" for n in range(count)))))
+            pipe.delete(session_key(sid, "meta"), session_key(sid, "lease"))
+            pipe.eval(_DELETE_CHUNKS, 1, session_key(sid, "kv:"), 0)
             pipe.set(session_key(sid, "closed"), b"1", ex=self.ttl_s)
 
         self._fenced(sid, "delete a session", write)
@@ -260,20 +265,16 @@ class RedisStore:
                 f"(its lease lasts {self.lease_s:g} s after its last turn)"
             )
 
-    def _queue_kv(
-        self, pipe: Pipeline, sid: str, meta: KVMeta | None, chunks: list[memoryview] | None, old: SessionRecord | None
-    ) -> None:
-        """Queue the writes that leave exactly `meta`'s chunks stored: new ones set, stale ones deleted, kept
-        ones given the record's TTL again."""
+    def _queue_kv(self, pipe: Pipeline, sid: str, meta: KVMeta | None, chunks: list[memoryview] | None) -> None:
+        """Queue the writes that leave exactly `meta`'s chunks stored: new ones set, the rest deleted, or with
+        no new chunks, the stored ones given the record's TTL again."""
+        prefix = session_key(sid, "kv:")
         for n, chunk in enumerate(chunks or ()):
-            pipe.set(session_key(sid, f"kv:{n}"), chunk, ex=self.ttl_s)
-        new_count = meta.chunks if meta is not None else 0
-        stale = range(new_count, old.kv.chunks if old is not None and old.kv is not None else 0)
-        if stale:
-            pipe.delete(*(session_key(sid, f"kv:{n}") for n in stale))
+            pipe.set(f"{prefix}{n}", chunk, ex=self.ttl_s)
         if chunks is None and meta is not None:
-            for n in range(meta.chunks):
-                pipe.expire(session_key(sid, f"kv:{n}"), self.ttl_s)
+            pipe.eval(_EXPIRE_CHUNKS, 1, prefix, self.ttl_s)
+        else:
+            pipe.eval(_DELETE_CHUNKS, 1, prefix, len(chunks or ()))
 
     def _sealed(self, record: SessionRecord) -> SessionRecord:
         return record.model_copy(update={"sig": self.sealer.digest(_record_bytes(record))})
@@ -416,8 +417,18 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its connections and data, as a stalled Redis does."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server would never act on SIGTERM
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
