@@ -159,9 +159,11 @@ def _apply_env(data: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> 
             sections = ", ".join(f"{ENV_PREFIX}{s.upper()}__<KEY>" for s in Config.model_fields)
             raise ConfigError(f"unknown environment override {name}; expected one of {sections}")
         section, key = path
-        if key not in Config.model_fields[section].annotation.model_fields:  # type: ignore[union-attr]
+        fields = Config.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+        if key not in fields:
             raise ConfigError(f"environment override {name}: [{section}] has no key {key!r}")
-        data.setdefault(section, {})[key] = _parse_env_value(raw)
+        text = fields[key].annotation in (str, SecretStr)  # a secret of digits is still text
+        data.setdefault(section, {})[key] = raw if text else _parse_env_value(raw)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -167,6 +167,7 @@ def from_chunks(
     if len(chunks) != meta.chunks or any(c is None for c in chunks):
         raise CacheRejected("chunks of the cache are missing (expired or evicted)")
     blob = b"".join(chunks)  # type: ignore[arg-type]
+    del chunks  # the caller passes the list it read: at most the blob and the tensors are held at once
     if len(blob) != meta.nbytes or not sealer.verify(meta.digest, _signed_part(meta), blob):
         raise CacheRejected(
             "the cache's digest does not match its bytes and metadata"

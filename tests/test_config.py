@@ -60,3 +60,9 @@ def test_with_values_validates():
     assert Config().with_values(generation={"top_k": 5}).generation.top_k == 5
     with pytest.raises(ConfigError, match="top_k"):
         Config().with_values(generation={"top_k": -1})
+
+
+def test_the_redis_secret_comes_from_the_environment_and_is_never_shown():
+    cfg = Config.load(None, env={"CHATRT_TIERS__REDIS_SECRET": "20261124"})  # digits stay text
+    assert cfg.tiers.redis_secret.get_secret_value() == "20261124"
+    assert "20261124" not in cfg.model_dump_json() and "20261124" not in repr(cfg)
