@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from chatrt.config import GenerationConfig
-from chatrt.kv import KV
+from chatrt.kv import KV, new_cache
 from chatrt.model import LoadedModel
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
@@ -27,7 +27,7 @@ GREEDY_BELOW = 1e-5
 def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
     """Run `ids` after the tokens of `kv`; return the logits of the last position ([V]) and the grown cache."""
     assert ids, "prefill needs at least one new token"
-    cache = kv.as_cache() if kv is not None else DynamicCache()
+    cache = kv.as_cache() if kv is not None else new_cache()
     x = torch.tensor([ids], device=lm.device)  # [1, S]
     out = lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float(), cache

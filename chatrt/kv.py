@@ -61,11 +61,10 @@ class KV:
         return KV(self.ids, tuple(map(move, self.keys)), tuple(map(move, self.values)))
 
     def as_cache(self) -> DynamicCache:
-        """A transformers cache that starts from these tensors without copying them."""
-        cache = DynamicCache()
-        cache.layers = []
+        """A transformers cache that starts from these tensors; they are copied once, on its first append."""
+        cache = new_cache()
         for k, v in zip(self.keys, self.values, strict=True):
-            layer = DynamicLayer()
+            layer = GrowingLayer()
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v
             cache.layers.append(layer)
@@ -76,6 +75,46 @@ class KV:
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         return cls(ids, keys, values)
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' DynamicLayer, but appending into spare room instead of concatenating: a reply of n tokens
+    copies the cache each time it outgrows its room (by an eighth), not once per token, so a long reply costs
+    O(n) copies, not O(n²). `keys` and `values` are views that never include the spare room, and the first
+    append of a cache moves into room of its own, so the tensors it started from (a shared prefix) are never
+    written. The room stays with the views a KV keeps afterwards: at most an eighth (or 64 tokens) more than
+    `KV.nbytes` counts, until the KV is moved or dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, H_kv, capacity, D] each
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        # key_states, value_states: [1, H_kv, S_new, D]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.get_seq_length()
+        end = n + key_states.shape[-2]
+        if self._room is None or end > self._room[0].shape[-2]:
+            shape = (*key_states.shape[:-2], end + max(64, end // 8), key_states.shape[-1])
+            room = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n:
+                room[0][..., :n, :] = self.keys
+                room[1][..., :n, :] = self.values
+            self._room = room
+        keys, values = self._room
+        keys[..., n:end, :] = key_states
+        values[..., n:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+
+def new_cache() -> DynamicCache:
+    """An empty transformers cache whose layers grow by GrowingLayer."""
+    cache = DynamicCache()
+    cache.layers = []
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 MIN_CHUNK_BYTES = 1024  # the least `tiers.redis_chunk_bytes` may be

@@ -477,6 +477,7 @@ class Session:
             self.rt.store.create_session(self.record().model_copy(update={"rev": rev}))  # type: ignore[union-attr]
         except StoreUnavailable:
             self.rt.tiers.count(redis_errors=1)
+            self._revs.add(rev)  # as in _save: it may have landed
             return
         self._revs = {rev}
 

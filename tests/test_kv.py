@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chatrt.engine import compute_kv, prefill
+from chatrt.engine import compute_kv, decode_step, prefill
 from chatrt.errors import CacheRejected
 from chatrt.integrity import Sealer
 from chatrt.kv import KV, check_meta, common_prefix_len, from_chunks, to_chunks
@@ -44,6 +44,21 @@ def test_as_cache_shares_tensors_and_growth_never_mutates_them(tiny_lm):
     assert grown.get_seq_length() == 23
     for a, b in zip(kv.keys + kv.values, before, strict=True):
         assert torch.equal(a, b)
+
+
+def test_appending_a_token_does_not_copy_the_whole_cache(tiny_lm):
+    """A 300-token reply after a 1,000-token prompt: the cache moves to new room a few times, not per token."""
+    kv = compute_kv(tiny_lm, tuple(range(100, 1100)))
+    cache = kv.as_cache()
+    homes = set()
+    for token in range(300):
+        decode_step(tiny_lm, cache, 500 + token)
+        homes.add(cache.layers[0].keys.untyped_storage().data_ptr())
+    assert cache.get_seq_length() == 1300 and len(homes) <= 3
+    grown = KV.from_cache(cache, (*kv.ids, *range(500, 800)))
+    assert torch.equal(grown.keys[1][..., :1000, :], kv.keys[1])  # what it started from, copied once
+    room = grown.keys[0].untyped_storage().nbytes()
+    assert grown.keys[0].numel() * 4 < room <= grown.keys[0].numel() * 4 * (1 + 1 / 8) + 64 * 2 * 16 * 4
 
 
 def test_kv_rejects_mismatched_lengths():
