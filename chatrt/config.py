@@ -99,6 +99,17 @@ class TierConfig(_Section):
     process may take it."""
 
 
+class EngineConfig(_Section):
+    """The engine loop that runs every session's turns, batched."""
+
+    max_batch: int = Field(16, ge=1)
+    """Most requests (turns) running at once; their decode steps share one forward. 1, with prefill_chunk = 0,
+    runs each turn alone: the batch-1 path, bit for bit what a session computes on its own."""
+    prefill_chunk: int = Field(512, ge=0)
+    """Prompt tokens prefilled per step, shared with the decoding rows, so a long prompt does not freeze the
+    other streams; 0: a prompt is prefilled whole in one step."""
+
+
 class MetricsConfig(_Section):
     enabled: bool = False
     """Serve Prometheus metrics over HTTP at http://host:port/metrics."""
@@ -115,6 +126,7 @@ class Config(_Section):
     prefix: PrefixConfig = PrefixConfig()
     session: SessionConfig = SessionConfig()
     tiers: TierConfig = TierConfig()
+    engine: EngineConfig = EngineConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @classmethod

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from chatrt.config import Config
+from chatrt.engine import Engine
 from chatrt.errors import ChatrtError, InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
 from chatrt.leases import LeaseKeeper
 from chatrt.metrics import Metrics
@@ -47,6 +48,7 @@ class ChatRuntime:
             )
             self.leases = LeaseKeeper(self.store, period_s=tiers.lease_s / 3)
         self.tiers = Tiers(tiers, lm, self.store)
+        self.engine = Engine(lm, self.config.engine)
         self.prefixes = PrefixStore(
             lm.info.fingerprint,
             max_entries=self.config.prefix.max_entries,
@@ -196,6 +198,7 @@ class ChatRuntime:
             session.detach()
         if self.leases is not None:
             self.leases.close()
+        self.engine.close()
         self.tiers.clear()
         self.prefixes.clear()
         self.metrics.close()

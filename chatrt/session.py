@@ -223,9 +223,10 @@ class Session:
                 try:
                     kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt, taken.kv)
                     gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
+                    request = self.rt.engine.submit(gen)  # the engine loop runs it, batched with other turns
                     delivered = None
                     with contextlib.suppress(GeneratorExit):  # the consumer closed the stream: what it got is the reply
-                        delivered = yield from self._pieces(gen)
+                        delivered = yield from self._pieces(request.stream())
                     if delivered is not None:
                         gen.cut(delivered)
                     self._record(gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
@@ -236,11 +237,10 @@ class Session:
         stream = run()
         return stream
 
-    def _pieces(self, gen: Generation) -> Generator[str, None, int | None]:
+    def _pieces(self, pieces: Generator[str, None, None]) -> Generator[str, None, int | None]:
         """Yield the reply's pieces until it ends or the session is being closed from another thread. Returns
         the characters delivered when a consumer said how many it received (StreamStopped thrown in), else None:
         everything yielded was received."""
-        pieces = iter(gen)
         try:
             for piece in pieces:
                 yield piece
@@ -249,7 +249,7 @@ class Session:
         except StreamStopped as stop:
             return stop.delivered
         finally:
-            pieces.close()  # type: ignore[attr-defined]
+            pieces.close()  # a request not ended yet is cancelled, and ends with what was handed out
         return None
 
     def _reuse(self, prompt: list[int], own_kv: KV | None) -> tuple[KV | None, int, int, float]:

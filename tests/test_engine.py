@@ -1,12 +1,14 @@
 """The engine prefills after a KV, decodes, samples, stops and streams text without splitting characters."""
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from chatrt import bench
-from chatrt.config import GenerationConfig
-from chatrt.engine import Generation, TextStream, compute_kv, prefill, sample
+from chatrt.config import EngineConfig, GenerationConfig
+from chatrt.engine import Engine, Generation, TextStream, compute_kv, decode_step, prefill, sample
 from chatrt.kv import common_prefix_len
 from chatrt.model import LoadedModel
 from chatrt.template import ChatTemplate, Message
@@ -147,3 +149,49 @@ def test_bf16_logits_with_reuse_are_as_close_to_fp32_as_bf16_itself(bundled_fold
         assert kl(fp32, reused) < 0.01
         assert kl(fp32, reused) <= 3 * max(kl(fp32, one_pass), 1e-4)
         assert int(reused.argmax()) == int(one_pass.argmax()) == int(fp32.argmax())
+
+
+def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm, monkeypatch):
+    """210 turns in batches of 2 to 16, prompts partly cached and prefilled in chunks beside decoding rows.
+    Batched rows run other matrix shapes, so their logits may differ from batch 1 by ~1e-5: a reply may
+    diverge only where the top-2 gap of the unbatched logits at that step is below 1e-3."""
+    accept = Generation.accept
+
+    def recording(gen, logits):  # the logits each step handed each reply
+        gen.__dict__.setdefault("seen_logits", []).append(logits)
+        return accept(gen, logits)
+
+    monkeypatch.setattr(Generation, "accept", recording)
+    rng = random.Random(0)
+    turns = agreed = 0
+    worst = 0.0
+    for _ in range(7):
+        for batch in (2, 4, 8, 16):
+            engine = Engine(tiny_lm, EngineConfig(max_batch=batch, prefill_chunk=64), thread=False)
+            gens = []
+            for _ in range(batch):
+                prompt = [rng.randrange(200, 40000) for _ in range(rng.randrange(20, 300))]
+                split = rng.randrange(0, len(prompt) - 1)
+                kv = compute_kv(tiny_lm, tuple(prompt[:split])) if split else None
+                gens.append((prompt, Generation(tiny_lm, kv, prompt[split:], GenerationConfig(max_new_tokens=12))))
+            requests = [engine.submit(gen) for _, gen in gens]
+            while engine.scheduler.has_work():
+                engine.step()
+            assert engine.rows > engine.steps  # rows did share steps
+            for (prompt, gen), request in zip(gens, requests, strict=True):
+                assert "".join(request.stream()) == gen.text
+                got = tuple(gen.token_ids)
+                alone, cache = prefill(tiny_lm, None, prompt)  # batch 1, along the batched reply's own tokens
+                for k, logits in enumerate(gen.seen_logits):
+                    if k:
+                        alone = decode_step(tiny_lm, cache, got[k - 1])
+                    worst = max(worst, (logits - alone).abs().max().item())
+                    if int(logits.argmax()) != int(alone.argmax()):
+                        top2 = torch.topk(alone, 2).values
+                        gap = (top2[0] - top2[1]).item()
+                        assert gap < 1e-3, f"turn {turns} diverged at step {k}, where the top-2 gap is {gap:.2e}"
+                turns += 1
+                agreed += got == reference_reply(tiny_lm, prompt, 12)
+    print(f"\nbatched vs unbatched: {agreed}/{turns} replies identical ({agreed / turns:.1%}); "
+          f"largest logit difference {worst:.2e}")
+    assert turns >= 200 and worst < 1e-3

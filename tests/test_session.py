@@ -455,3 +455,14 @@ def test_closing_a_session_from_another_thread_stops_its_running_stream(runtime)
     assert not closer.is_alive() and s.closed
     assert s.last_turn.finish_reason == "cancelled" and s.last_turn.generated_tokens < 2000
     assert s.messages[-1].content == "".join(pieces)
+
+
+@pytest.mark.parametrize(("max_batch", "prefill_chunk"), [(1, 0), (16, 8)])
+def test_sessions_answering_at_once_share_the_engine_and_stay_exact(tiny_lm, max_batch, prefill_chunk):
+    config = Config().with_values(
+        generation={"max_new_tokens": 12}, engine={"max_batch": max_batch, "prefill_chunk": prefill_chunk}
+    )
+    with ChatRuntime(tiny_lm, config) as rt:
+        chat_in_threads([rt.open_session(system_prompt="Shared.") for _ in range(4)])
+        batched = rt.engine.rows > rt.engine.steps
+        assert batched if max_batch > 1 else not batched  # max_batch = 1: every step runs one turn alone

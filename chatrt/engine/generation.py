@@ -1,7 +1,8 @@
-"""Prefill on a KV, the decode loop, sampling, stop conditions and streamed text; knows nothing of sessions.
+"""One reply as a state machine (take a KV, accept logits, feed a token, end), sampling, stop conditions and
+streamed text; knows nothing of sessions.
 
-A Generation is iterated for text pieces; when iteration ends (finished, stopped or abandoned) its KV,
-ids and timings describe exactly what was computed.
+The engine loop drives many Generations at once through packed forwards; iterating one runs it alone, batch 1,
+on the caller's thread. Either way, when it has ended its KV, ids and timings describe exactly what was computed.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ GREEDY_BELOW = 1e-5
 
 
 @torch.inference_mode()
+def forward(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+    """Run `ids` after the tokens in `cache` (which grows by them), alone: the logits of the last position ([V])."""
+    assert ids, "a forward needs at least one new token"
+    x = torch.tensor([ids], device=lm.device)  # [1, S]
+    return lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+
+
 def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
     """Run `ids` after the tokens of `kv`; return the logits of the last position ([V]) and the grown cache."""
-    assert ids, "prefill needs at least one new token"
     cache = kv.as_cache() if kv is not None else new_cache()
-    x = torch.tensor([ids], device=lm.device)  # [1, S]
-    out = lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), cache
+    return forward(lm, cache, ids), cache
 
 
-@torch.inference_mode()
 def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tensor:
     """Feed one token; return the next logits ([V])."""
-    x = torch.tensor([[token]], device=lm.device)  # [1, 1]
-    return lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True).logits[0, -1].float()
+    return forward(lm, cache, [token])
 
 
 def sample(
@@ -125,8 +128,9 @@ class TextStream:
 
 @dataclass
 class Generation:
-    """One reply: iterate for text pieces. Afterwards `kv` holds exactly `kv.ids` (prompt + every generated
-    token fed back), also when the consumer stopped iterating early."""
+    """One reply. Driven by the engine (`begin`, then `accept` the logits of each step and feed `next_token`,
+    then `end`), or iterated alone for its text pieces. Once ended, `kv` holds exactly `kv.ids` (prompt + every
+    generated token fed back), also when the consumer stopped early."""
 
     lm: LoadedModel
     kv: KV | None
@@ -143,58 +147,95 @@ class Generation:
     prompt_len: int = 0
     marks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     """(characters handed out, reply tokens that spell them) after each piece: where a stopped reply can be cut."""
+    done: bool = False
+    next_token: int = -1
+    """The token sampled last, to be fed at the next step (while not done)."""
+    cache: DynamicCache | None = None
+    fed: list[int] = field(default_factory=list)
+    _t0: float = 0.0
+    _stream: TextStream | None = None
+    _generator: torch.Generator | None = None
+    _seen: torch.Tensor | None = None
+    _ended: bool = False
+
+    def begin(self) -> list[int]:
+        """Take the KV handed in as this reply's cache; returns the ids still to prefill. The KV is consumed:
+        from here on `kv` is only what this generation computed, so a prefill that fails leaves nothing to keep."""
+        source, self.kv = self.kv, None
+        self.fed = [*(source.ids if source is not None else ()), *self.new_ids]  # what the cache holds once fed
+        self.prompt_len = len(self.fed)
+        self.cache = source.as_cache() if source is not None else new_cache()
+        self._stream = TextStream(self.lm.tokenizer, self.params.stop)
+        if self.params.seed is not None:
+            self._generator = torch.Generator(device=self.lm.device).manual_seed(self.params.seed)
+        self._t0 = time.perf_counter()
+        return list(self.new_ids)
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Sample the next token from the last position's logits ([V]); returns its text ("" while a character
+        or a possible stop string is incomplete). Ends the reply at a stop token or string or at max_new_tokens;
+        otherwise `next_token` is to be fed, then `advance()`."""
+        assert not self.done and self._stream is not None
+        p, stream = self.params, self._stream
+        if not self.token_ids:  # the first token: the prompt is in the cache now
+            self.prefill_s = time.perf_counter() - self._t0
+            if p.repetition_penalty != 1.0:  # every token of the prompt (the reused part too) and of the reply
+                self._seen = torch.zeros_like(logits, dtype=torch.bool)
+                self._seen[torch.tensor(self.fed, device=logits.device)] = True
+        token = sample(logits, p, self._generator, self._seen)
+        if not self.token_ids:
+            self.ttft_s = time.perf_counter() - self.started
+        if token in self.lm.stop_ids:
+            return self.end("stop")
+        self.token_ids.append(token)
+        piece = stream.push(token)
+        if piece:
+            self.marks.append((stream.emitted, len(self.token_ids)))
+        if stream.stopped:
+            return piece + self.end("stop_string")
+        if len(self.token_ids) >= p.max_new_tokens:
+            return piece + self.end("length")
+        self.next_token = token
+        return piece
+
+    def advance(self) -> None:
+        """`next_token` was fed: the cache holds it now."""
+        self.fed.append(self.next_token)
+        if self._seen is not None:
+            self._seen[self.next_token] = True
+        self.decode_steps += 1
+
+    def end(self, reason: FinishReason = "cancelled") -> str:
+        """Finish (once): the text, and the KV of exactly what was fed (none when a failed step left layers of
+        different lengths). Returns text held back until now (a possible stop string that was not one)."""
+        if self._ended:
+            return ""
+        self._ended, self.done, self.finish_reason = True, True, reason
+        rest = ""
+        if self._stream is not None:
+            rest = self._stream.finish() if reason != "cancelled" else ""
+            self.text = self._stream.text if reason != "cancelled" else self._stream.text[: self._stream.emitted]
+        self.decode_s = time.perf_counter() - self._t0 - self.prefill_s if self._t0 else 0.0
+        cache = self.cache
+        if cache is not None and all(layer.keys.shape[-2] == len(self.fed) for layer in cache.layers):
+            self.kv = KV.from_cache(cache, tuple(self.fed))
+        self.cache = None
+        return rest
 
     def __iter__(self) -> Iterator[str]:
-        p, lm = self.params, self.lm
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator(device=lm.device).manual_seed(p.seed)
-        stream = TextStream(lm.tokenizer, p.stop)
-        # The KV handed in is consumed: from here on `kv` is only what this generation computed, so a prefill
-        # that fails (a cache that does not fit the model) leaves nothing to keep.
-        source, self.kv = self.kv, None
-        fed = [*(source.ids if source is not None else ()), *self.new_ids]
-        self.prompt_len = len(fed)
-        t0 = time.perf_counter()
-        logits, cache = prefill(lm, source, self.new_ids)
-        self.prefill_s = time.perf_counter() - t0
-        seen = None  # with a repetition penalty: every token of the prompt (reused part included) and reply
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros_like(logits, dtype=torch.bool)
-            seen[torch.tensor(fed, device=logits.device)] = True
+        """Run alone, on this thread, one plain forward per step."""
+        ids = self.begin()
         try:
+            logits = forward(self.lm, self.cache, ids)  # type: ignore[arg-type]
             while True:
-                token = sample(logits, p, generator, seen)
-                if not self.token_ids:
-                    self.ttft_s = time.perf_counter() - self.started
-                if token in lm.stop_ids:
-                    self.finish_reason = "stop"
-                    break
-                self.token_ids.append(token)
-                if piece := stream.push(token):
-                    self.marks.append((stream.emitted, len(self.token_ids)))
+                if piece := self.accept(logits):
                     yield piece
-                if stream.stopped:
-                    self.finish_reason = "stop_string"
-                    break
-                if len(self.token_ids) >= p.max_new_tokens:
-                    self.finish_reason = "length"
-                    break
-                logits = decode_step(lm, cache, token)
-                fed.append(token)
-                if seen is not None:
-                    seen[token] = True
-                self.decode_steps += 1
-            if piece := stream.finish():
-                yield piece
+                if self.done:
+                    return
+                logits = forward(self.lm, self.cache, [self.next_token])  # type: ignore[arg-type]
+                self.advance()
         finally:
-            # Runs on normal end, on an exception and when the consumer abandons the stream (GeneratorExit):
-            # the cache then holds exactly `fed`, whatever was generated after it is not cached.
-            self.decode_s = time.perf_counter() - t0 - self.prefill_s
-            self.text = stream.text[: stream.emitted] if self.finish_reason == "cancelled" else stream.text
-            # A step that failed half-way leaves layers of different lengths: such a cache is not kept.
-            whole = all(layer.keys.shape[-2] == len(fed) for layer in cache.layers)
-            self.kv = KV.from_cache(cache, tuple(fed)) if whole else None
+            self.end()  # a no-op when the reply ended; a cancel when the consumer stopped or a step failed
 
     def cut(self, chars: int) -> None:
         """A stream stopped by a consumer that received only its first `chars` characters (pieces it was handed,
