@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from chatrt import bench, bench_plot, metrics
+from chatrt import bench, bench_concurrent, bench_plot, metrics
 from chatrt.config import Config
 from chatrt.errors import ChatrtError, ConfigError, MetricsUnavailable
 from chatrt.runtime import ChatRuntime
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2000,
         help="history length for the Redis restore vs recompute measurement (0 skips it)",
+    )
+    b.add_argument(
+        "--concurrent",
+        help="instead of the modes: sessions answering at once, e.g. 1,4,8,16 (each with ~1,000 tokens of history), "
+        "and a new turn and a long prompt arriving while 8 decode",
     )
     b.add_argument("--out", default="bench-out", help="folder for report.json and ttft.png")
     stats = command(
@@ -140,6 +146,8 @@ def _plain_chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.concurrent:
+        return _bench_concurrent(args)
     preset = bench.load_preset(args.preset)
     given = {f: getattr(args, f) for f in bench.Workload.model_fields if getattr(args, f, None) is not None}
     if args.modes:
@@ -173,6 +181,44 @@ def _bench(args: argparse.Namespace) -> int:
             f"{'' if r.chose_faster else ', not the faster one'}"
         )
     console.print(f"report: {out / 'report.json'} · plot: {out / 'ttft.png'}")
+    return 0
+
+
+def _bench_concurrent(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(n) for n in args.concurrent.split(",")]
+    except ValueError:
+        raise ConfigError(f"--concurrent takes session counts such as 1,4,8,16, not {args.concurrent!r}") from None
+    rt = _runtime(args)
+    with console.status(f"{', '.join(map(str, sizes))} sessions answering at once…"):
+        report = bench_concurrent.run(rt.lm, rt.config, sizes, max_new_tokens=args.max_new_tokens or 64)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "concurrent.json").write_text(report.model_dump_json(indent=2))
+    table = Table(
+        title=f"{report.model} · {report.dtype} · {report.device} · {report.history_tokens} tokens of history each · "
+        f"replies of at most {report.max_new_tokens} tokens · prefill chunk {report.prefill_chunk}"
+    )
+    for col in ("sessions", "tokens", "wall", "decode tok/s (sum)", "gain over 1", "end-to-end tok/s", "gain",
+                "mean batch", "TTFT median", "TTFT max", "per-session tok/s"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in report.results:
+        table.add_row(
+            str(r.sessions), str(r.generated_tokens), f"{r.wall_s:.1f} s", f"{r.decode_tokens_per_s:.1f}",
+            f"{r.decode_gain:.2f}×", f"{r.aggregate_tokens_per_s:.1f}", f"{r.gain:.2f}×", f"{r.mean_batch:.1f}",
+            f"{statistics.median(r.ttft_s) * 1000:.0f} ms",
+            f"{max(r.ttft_s) * 1000:.0f} ms", f"{statistics.median(r.tokens_per_s):.1f}",
+        )  # fmt: skip
+    console.print(table)
+    if u := report.under_load:
+        console.print(
+            f"a new turn while {u.busy} sessions decode: TTFT {u.loaded_ttft_s * 1000:.0f} ms against "
+            f"{u.idle_ttft_s * 1000:.0f} ms idle ({u.loaded_ttft_s / u.idle_ttft_s:.1f}×); "
+            f"a {u.long_prompt_tokens}-token prompt arriving: longest gap between two pieces of a decoding stream "
+            f"{u.longest_gap_s * 1000:.0f} ms "
+            f"(a step took {u.step_s * 1000:.0f} ms before)"
+        )
+    console.print(f"report: {out / 'concurrent.json'}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from chatrt import ConfigError, bench
+from chatrt import ConfigError, bench, bench_concurrent
 from chatrt.bench_plot import ttft_by_turn
 from chatrt.config import Config
 
@@ -105,3 +105,14 @@ def test_presets_load_by_name_and_a_bad_one_says_which_exist(tmp_path):
     bad.write_text("sesions = 3\n")
     with pytest.raises(ConfigError, match="sesions"):
         bench.load_preset(str(bad))
+
+
+def test_the_concurrent_bench_batches_sessions_and_reports_the_gain(tiny_lm):
+    report = bench_concurrent.run(tiny_lm, Config(), [1, 4], max_new_tokens=8)
+    one, four = report.results
+    assert (one.sessions, four.sessions) == (1, 4) and one.gain == one.decode_gain == 1.0
+    assert one.mean_batch == 1.0 and four.mean_batch > 1.5  # the four turns did share forwards
+    assert len(four.ttft_s) == len(four.tokens_per_s) == 4 and four.generated_tokens > 0
+    assert four.decode_tokens_per_s == pytest.approx(sum(four.tokens_per_s))
+    u = report.under_load
+    assert u is not None and u.long_prompt_tokens > 1000 and u.longest_gap_s > 0 and u.loaded_ttft_s > 0
