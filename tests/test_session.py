@@ -466,3 +466,18 @@ def test_sessions_answering_at_once_share_the_engine_and_stay_exact(tiny_lm, max
         chat_in_threads([rt.open_session(system_prompt="Shared.") for _ in range(4)])
         batched = rt.engine.rows > rt.engine.steps
         assert batched if max_batch > 1 else not batched  # max_batch = 1: every step runs one turn alone
+
+
+def test_a_failed_engine_step_fails_its_turn_and_the_session_goes_on(runtime, monkeypatch):
+    s = runtime.open_session()
+    s.send("warm up")
+
+    def lost(*_):  # noqa: ANN002, ANN202
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(runtime.engine, "_run", lost)
+    with pytest.raises(RuntimeError, match="device went away"):
+        s.send("this turn fails")
+    monkeypatch.undo()
+    assert len(s.messages) == 2 and s.kv is None  # nothing recorded, and no cache it cannot trust
+    assert_exact(s, s.send("and this one is answered"), 12)

@@ -7,6 +7,7 @@ Callers read a request's pieces from its channel; a caller that stops reading ca
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Generator
@@ -20,6 +21,7 @@ from chatrt.engine.scheduler import Scheduler
 from chatrt.model import LoadedModel
 
 _END = None
+log = logging.getLogger("chatrt")
 
 
 class Request:
@@ -117,7 +119,16 @@ class Engine:
                     self._work.wait()
                 if self._stopped:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug in a step must not leave streams waiting for ever: they get the error
+                log.exception("engine step failed")
+                with self._work:
+                    requests = [*self.scheduler.running, *self.scheduler.waiting]
+                    self.scheduler.waiting.clear()
+                for request in requests:
+                    request.pieces.put(e)
+                    self._end(request)
 
     def step(self) -> None:
         with self._work:  # schedule
