@@ -472,7 +472,7 @@ def test_a_failed_engine_step_fails_its_turn_and_the_session_goes_on(runtime, mo
     s = runtime.open_session()
     s.send("warm up")
 
-    def lost(*_):  # noqa: ANN002, ANN202
+    def lost(*_):
         raise RuntimeError("the device went away")
 
     monkeypatch.setattr(runtime.engine, "_run", lost)
