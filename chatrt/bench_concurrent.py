@@ -17,6 +17,7 @@ from chatrt.runtime import ChatRuntime
 from chatrt.session import Session
 
 REPORT_VERSION = 1
+BUSY = 8  # sessions decoding while a new turn and a long prompt arrive
 
 
 class ConcurrentResult(BaseModel):
@@ -71,7 +72,8 @@ def run(
     """For each N in `sizes`: N sessions share a ~1,000-token system prompt (their history, computed once for
     all and copied into each session's cache by its first turn), answer a first question, then all answer a
     second one at once; that second turn is measured."""
-    system, users = bench.conversations(bench.Workload(sessions=max(sizes) + 1, turns=2, system_words=history_words))
+    workload = bench.Workload(sessions=max(*sizes, BUSY) + 1, turns=2, system_words=history_words)
+    system, users = bench.conversations(workload)
     config = config.with_values(generation={"max_new_tokens": max_new_tokens, "temperature": 0.0})
     bench._warm_up(lm)
     results: list[ConcurrentResult] = []
@@ -108,22 +110,29 @@ def run(
 
 def _at_once(sessions: list[Session], messages: list[str]) -> list:  # type: ignore[type-arg]
     """Every session sends its message on its own thread at the same moment; their replies in order."""
+    assert len(messages) == len(sessions)
     replies: list = [None] * len(sessions)  # type: ignore[type-arg]
+    errors: list[BaseException] = []
     start = threading.Barrier(len(sessions))
 
     def send(i: int) -> None:
         start.wait()
-        replies[i] = sessions[i].send(messages[i])
+        try:
+            replies[i] = sessions[i].send(messages[i])
+        except BaseException as e:  # raised below, on the caller's thread
+            errors.append(e)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sessions))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return replies
 
 
-def _under_load(rt: ChatRuntime, system: str | None, users: list[list[str]], busy: int = 8) -> UnderLoad:
+def _under_load(rt: ChatRuntime, system: str | None, users: list[list[str]], busy: int = BUSY) -> UnderLoad:
     """A ninth session's 30-token-ish turn after ~1,000 tokens of history: its TTFT on an idle runtime and
     while eight others decode; then a ~2,000-token prompt arrives while they decode: the longest gap between
     two pieces of their streams."""

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from chatrt.config import Config
 from chatrt.engine import Engine
-from chatrt.errors import ChatrtError, InvalidMessage, SessionNotFound, StoreUnavailable, TooManySessions
+from chatrt.errors import (
+    ChatrtError,
+    InvalidMessage,
+    SessionClosed,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
 from chatrt.leases import LeaseKeeper
 from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
@@ -104,6 +111,8 @@ class ChatRuntime:
             return session
         if self.store is None:
             raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
+        if self.leases is not None and session_id in self.leases.pending_deletes:  # closed here, Redis was away
+            raise SessionClosed(f"session {session_id} was closed; open a new session")
         self.store.take_lease(session_id)  # first: no other process writes it while it is read
         try:
             record = self.store.get_session(session_id)

@@ -154,6 +154,8 @@ def test_close_during_a_redis_stall_is_reported_and_the_session_never_comes_back
         assert s.closed and rt.stats().sessions_open == 0
         time.sleep(1.0)
         server.resume()
+        with pytest.raises(SessionClosed):  # not in this process either, while its delete is pending
+            rt.session("gone")
         outcomes = set()
         with tiered(tiny_lm, server.url, **stall) as other:
             deadline = time.monotonic() + 30
