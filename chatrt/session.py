@@ -1,4 +1,4 @@
-"""Session: one conversation's transcript, its KV and the turn flow (reuse, prefill, decode, record).
+"""Session: one conversation's transcript, its KV and the turn flow (reuse, a request to the engine, record).
 
 The transcript is the source of truth; the KV is a cache of it that any turn may crop, replace or drop.
 """
