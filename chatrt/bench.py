@@ -23,9 +23,9 @@ from chatrt.cost import Action
 from chatrt.engine import compute_kv
 from chatrt.errors import ConfigError
 from chatrt.model import LoadedModel
+from chatrt.redis_server import redis_server
 from chatrt.runtime import ChatRuntime
 from chatrt.stats import TierCounters, TokenCounts, TurnStats
-from chatrt.store import redis_server
 
 Mode = Literal["recompute", "prefix", "session", "full", "pressure", "pressure-redis"]
 _FULL = {"prefix": {"enabled": True}, "session": {"reuse": True}}

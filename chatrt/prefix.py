@@ -71,12 +71,14 @@ class PrefixStore:
         with self._lock:
             assert entry.refs > 0, "release without acquire"
             entry.refs -= 1
-            self._evict()
+            evicted = self._evict()
+        self._spill(evicted)
 
     def kv(self, entry: PrefixEntry, compute: Callable[[tuple[int, ...]], KV]) -> tuple[KV, bool]:
         """The entry's KV, computing it with `compute(ids)` the first time; returns (kv, was_hit).
 
-        Side effects: may run `compute` (a prefill) and then evict unreferenced entries over the limits.
+        Side effects: may run `compute` (a prefill) and then evict unreferenced entries over the limits (each
+        handed to `on_evict` once the store's lock is released: that may write to Redis).
         """
         with entry.lock:
             hit = entry.kv is not None
@@ -89,7 +91,8 @@ class PrefixStore:
                 self.counters.hits += 1
             else:
                 self.counters.misses += 1
-            self._evict()
+            evicted = self._evict()
+        self._spill(evicted)
         return entry.kv, hit
 
     @property
@@ -109,17 +112,25 @@ class PrefixStore:
         if self._entries.get(entry.key) is entry:
             self._entries.move_to_end(entry.key)
 
-    def _evict(self) -> None:
-        """Drop unreferenced entries, oldest first, while over a limit. Caller holds self._lock."""
+    def _spill(self, evicted: list[tuple[str, KV]]) -> None:
+        """Hand evicted entries to `on_evict` (serialization and Redis I/O), never under self._lock."""
+        for key, kv in evicted:
+            self.on_evict(key, kv)
+
+    def _evict(self) -> list[tuple[str, KV]]:
+        """Drop unreferenced entries, oldest first, while over a limit; returns the computed ones dropped, for
+        `_spill`. Caller holds self._lock."""
 
         def over() -> bool:
             live = [e for e in self._entries.values() if e.kv is not None]
             return len(live) > self.max_entries or sum(e.kv.nbytes for e in live) > self.max_bytes  # type: ignore[union-attr]
 
+        evicted = []
         for key in list(self._entries):
             entry = self._entries[key]
             if entry.refs == 0 and (entry.kv is None or over()):
                 del self._entries[key]
                 if entry.kv is not None:
                     self.counters.evictions += 1
-                    self.on_evict(key, entry.kv)
+                    evicted.append((key, entry.kv))
+        return evicted

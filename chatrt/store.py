@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import redis
@@ -373,73 +366,3 @@ def _parse(model: type[M], raw: bytes | None) -> M | None:
         return model.model_validate_json(raw)
     except ValidationError:
         return None
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port in a temporary folder (tests, bench). It can be killed
-    and started again on the same port, empty, as a real Redis restart after a crash would be."""
-
-    def __init__(self, *args: str, binary: str = "redis-server") -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise StoreUnavailable("redis-server is not installed; install the redis-server package (see the README)")
-        self.folder = Path(tempfile.mkdtemp(prefix="chatrt-redis-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.args = [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                     "--save", "", "--appendonly", "no", *args]  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        logfile = self.folder / "log"
-        with logfile.open("a") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
-        try:
-            for _ in range(400):
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None:
-                        raise StoreUnavailable(f"redis-server exited: {logfile.read_text()}") from None
-                    time.sleep(0.025)
-            raise StoreUnavailable(f"redis-server did not answer within 10 s: {logfile.read_text()}")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to clients, nothing saved."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: the server stops answering but keeps its connections and data, as a stalled Redis does."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused server would never act on SIGTERM
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def redis_server(*args: str) -> Iterator[str]:
-    """A private redis-server for the duration of the block; yields its URL."""
-    server = RedisServer(*args).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from chatrt import ChatRuntime, Config
 from chatrt.config import ModelConfig
 from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
-from chatrt.store import redis_server
+from chatrt.redis_server import redis_server
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from safetensors.torch import load as st_load
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionLeased, SessionNotFound
 from chatrt.integrity import Sealer
 from chatrt.kv import KV, to_chunks
-from chatrt.store import RedisServer, SessionRecord
+from chatrt.redis_server import RedisServer
+from chatrt.store import SessionRecord
 from tests.conftest import tiered, tiny_llama
 from tests.test_session import assert_exact, random_message
 

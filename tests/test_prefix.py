@@ -85,3 +85,21 @@ def test_a_hash_collision_never_serves_another_prefix(tiny_lm, monkeypatch):
     b = s.acquire((4, 5, 6))
     kv_b, hit = s.kv(b, lambda ids: compute_kv(tiny_lm, ids))
     assert not hit and kv_b.ids == (4, 5, 6) and kv_a.ids == (1, 2, 3)
+
+
+def test_an_evicted_entry_is_handed_on_outside_the_stores_lock(tiny_lm):
+    """on_evict may serialize and write to Redis: the store's lock is not held meanwhile."""
+    handed: list[tuple[str, bool]] = []
+
+    def on_evict(key, kv):
+        free = s._lock.acquire(blocking=False)
+        if free:
+            s._lock.release()
+        handed.append((key, free))
+
+    s = PrefixStore("fp", max_entries=1, max_bytes=1 << 30, on_evict=on_evict)
+    for i in range(2):
+        e = s.acquire((200 + i, 1))
+        s.kv(e, lambda ids: compute_kv(tiny_lm, ids))
+        s.release(e)
+    assert handed == [(prefix_hash("fp", (200, 1)), True)]
