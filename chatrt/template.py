@@ -36,6 +36,11 @@ class Message(BaseModel):
     token_ids: tuple[int, ...] | None = None
 
 
+def decode(tokenizer: PreTrainedTokenizerBase, ids: tuple[int, ...] | list[int]) -> str:
+    """The text of generated ids, exactly (special tokens and spaces as they are)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def check_text(text: object, what: str) -> str:
     """`text` when it is a str that is valid Unicode; else InvalidMessage saying what to do. NUL and other
     control characters are text like any other (tokenized as text); lone surrogates cannot be encoded at all."""
@@ -84,8 +89,7 @@ class ChatTemplate:
         return ids
 
     def decode(self, ids: tuple[int, ...] | list[int]) -> str:
-        """The text of generated ids, exactly (special tokens and spaces as they are)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, ids)
 
     def spells(self, ids: tuple[int, ...], text: str) -> bool:
         """Whether `ids` are ids of this tokenizer that decode to exactly `text`."""

@@ -195,3 +195,12 @@ def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm
     print(f"\nbatched vs unbatched: {agreed}/{turns} replies identical ({agreed / turns:.1%}); "
           f"largest logit difference {worst:.2e}")
     assert turns >= 200 and worst < 1e-3
+
+
+def test_a_request_cancelled_before_its_first_step_keeps_no_cache(tiny_lm):
+    engine = Engine(tiny_lm, EngineConfig(), thread=False)
+    gen = Generation(tiny_lm, None, [300, 301, 302], GenerationConfig(max_new_tokens=4))
+    request = engine.submit(gen)
+    request.cancel()
+    engine.step()
+    assert "".join(request.stream()) == "" and gen.finish_reason == "cancelled" and gen.kv is None

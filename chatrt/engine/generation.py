@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from chatrt.config import GenerationConfig
 from chatrt.kv import KV, new_cache
 from chatrt.model import LoadedModel
+from chatrt.template import decode
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
 GREEDY_BELOW = 1e-5
@@ -123,7 +124,7 @@ class TextStream:
         return best
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, ids)
 
 
 @dataclass
@@ -216,8 +217,12 @@ class Generation:
             rest = self._stream.finish() if reason != "cancelled" else ""
             self.text = self._stream.text if reason != "cancelled" else self._stream.text[: self._stream.emitted]
         self.decode_s = time.perf_counter() - self._t0 - self.prefill_s if self._t0 else 0.0
-        cache = self.cache
-        if cache is not None and all(layer.keys.shape[-2] == len(self.fed) for layer in cache.layers):
+        cache = self.cache  # kept only when every layer holds exactly `fed` (not when a step never ran or failed)
+        if (
+            cache is not None
+            and len(cache.layers) == self.lm.info.num_layers
+            and all(layer.keys.shape[-2] == len(self.fed) for layer in cache.layers)
+        ):
             self.kv = KV.from_cache(cache, tuple(self.fed))
         self.cache = None
         return rest
