@@ -1,24 +1,23 @@
-"""AsyncChatRuntime and AsyncSession: the session API for event loops, run on worker threads.
+"""AsyncChatRuntime and AsyncSession: the session API for event loops.
 
-The model runs in a thread, so the loop stays free; streamed pieces cross over through an asyncio queue.
+A turn's two blocking phases (taking the session and its cache, maybe from Redis; recording the reply) run on a
+worker thread; between them the event loop reads the request's pieces straight from the engine, so a stream
+holds no thread while it waits for the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
 
-from chatrt.config import Config
+from chatrt.config import Config, GenerationConfig
 from chatrt.model import Progress
 from chatrt.runtime import ChatRuntime
-from chatrt.session import Reply, Session, StreamStopped
+from chatrt.session import Plan, Reply, Session
 from chatrt.stats import RuntimeStats, SessionStats, TurnStats
-
-_END = object()
 
 
 class _Closing:
@@ -55,24 +54,29 @@ class AsyncSession(_Closing):
         return self.sync.tier
 
     async def send(self, text: str, **options: Any) -> Reply:
-        return await asyncio.to_thread(self.sync.send, text, **options)
+        return await self._complete(self.stream(text, **options))
 
     async def regenerate(self, **options: Any) -> Reply:
-        return await asyncio.to_thread(self.sync.regenerate, **options)
+        return await self._complete(self.stream_regenerate(**options))
 
     async def edit(self, text: str, **options: Any) -> Reply:
-        return await asyncio.to_thread(self.sync.edit, text, **options)
+        return await self._complete(self.stream_edit(text, **options))
 
     def stream(self, text: str, **options: Any) -> AsyncIterator[str]:
         """Pieces of the reply as they are generated. Leaving the loop early (break, or the task cancelled)
         stops generation: the text so far is the reply, as with `Session.stream`."""
-        return _stream(lambda: self.sync.stream(text, **options))
+        return _stream(self.sync, lambda: self.sync._send_plan(text, options))
 
     def stream_regenerate(self, **options: Any) -> AsyncIterator[str]:
-        return _stream(lambda: self.sync.stream_regenerate(**options))
+        return _stream(self.sync, lambda: self.sync._regenerate_plan(options))
 
     def stream_edit(self, text: str, **options: Any) -> AsyncIterator[str]:
-        return _stream(lambda: self.sync.stream_edit(text, **options))
+        return _stream(self.sync, lambda: self.sync._edit_plan(text, options))
+
+    async def _complete(self, pieces: AsyncIterator[str]) -> Reply:
+        async for _ in pieces:
+            pass
+        return self.sync._reply()
 
     def stats(self) -> SessionStats:
         return self.sync.stats()
@@ -100,56 +104,32 @@ class AsyncChatRuntime(_Closing):
         return self.sync.stats()
 
 
-async def _stream(start: Callable[[], Generator[str, None, None]]) -> AsyncIterator[str]:
-    """Run a session's stream on a thread and yield its pieces here, one piece per piece asked for: the thread
-    never runs ahead of the consumer, so the reply it records is exactly what the consumer received. On the way
-    out (finished, break, cancel, error) the thread is told how much was received and awaited, so the turn is
-    recorded before control returns."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    asked = threading.Semaphore(0)  # released once per piece the consumer asks for, and once to stop
-    delivered: int | None = None  # set when the consumer stops early: the characters it received
-
-    def put(item: object) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def produce() -> None:
-        try:
-            pieces = start()
-        except BaseException as e:  # handed to the consumer, raised there
-            put(e)
-            return
-        try:
-            while asked.acquire() and delivered is None:
-                try:
-                    item: object = next(pieces, _END)
-                except BaseException as e:
-                    put(e)
-                    return
-                put(item)
-                if item is _END:
-                    return
-            # The consumer stopped: only what it received is the reply (a piece in flight is not).
-            with contextlib.suppress(StopIteration, StreamStopped):
-                pieces.throw(StreamStopped(delivered))
-        finally:
-            pieces.close()
-
-    done = loop.run_in_executor(None, produce)
-    received, ended = 0, False
+async def _stream(session: Session, plan: Callable[[], tuple[Plan, GenerationConfig]]) -> AsyncIterator[str]:
+    """A turn of `session`, its pieces read on this event loop. On the way out (finished, break, cancel, error)
+    the request is ended and the turn recorded before control returns; a consumer that stopped early keeps
+    exactly the characters it received as the reply."""
+    session._check_open()
+    begin = asyncio.ensure_future(asyncio.to_thread(session._begin, *plan(), None))
     try:
-        while True:
-            asked.release()
-            item = await queue.get()
-            if item is _END or isinstance(item, BaseException):
-                ended = True
-                if item is _END:
-                    return
-                raise item
-            received += len(item)  # type: ignore[arg-type]
-            yield item  # type: ignore[misc]
+        turn = await asyncio.shield(begin)
+    except asyncio.CancelledError:  # the turn may start anyway: it is ended unrecorded, the session let go
+        with contextlib.suppress(Exception):
+            turn = await begin
+            turn.request.cancel()
+            await asyncio.to_thread(turn.request.ended.wait)
+            await asyncio.to_thread(session._end, turn, record=False)
+        raise
+    recorded = False
+    try:
+        async with contextlib.aclosing(turn.request.astream()) as pieces:  # closed here: the request ends now
+            async for piece in pieces:
+                yield piece
+                if session._closing.is_set():  # closed meanwhile: stop at this piece
+                    break
+        recorded = True
+    except (GeneratorExit, asyncio.CancelledError):
+        recorded = True  # the consumer stopped: what it received is the reply
+        raise
     finally:
-        if not ended:
-            delivered = received
-            asked.release()
-        await asyncio.shield(done)  # an error recording the turn (SessionConflict) is raised here
+        # Shielded: a cancelled consumer still waits for its turn to be recorded (SessionConflict is raised here).
+        await asyncio.shield(asyncio.to_thread(session._end, turn, record=recorded))

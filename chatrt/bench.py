@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from chatrt.cache.cost import Action
 from chatrt.config import Config
-from chatrt.cost import Action
 from chatrt.engine import compute_kv
 from chatrt.errors import ConfigError
 from chatrt.model import LoadedModel

@@ -89,8 +89,9 @@ def run(
             generated = sum(r.stats.generated_tokens for r in replies)
             aggregate = generated / wall
             decode = sum(r.stats.decode_tokens_per_s for r in replies)
-            base, decode_base = (results[0].aggregate_tokens_per_s, results[0].decode_tokens_per_s) if results else (
-                aggregate, decode)
+            base, decode_base = (
+                (results[0].aggregate_tokens_per_s, results[0].decode_tokens_per_s) if results else (aggregate, decode)
+            )
             results.append(ConcurrentResult(
                 sessions=n, generated_tokens=generated, wall_s=wall, aggregate_tokens_per_s=aggregate,
                 gain=aggregate / base, decode_tokens_per_s=decode, decode_gain=decode / decode_base,

@@ -20,11 +20,11 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from chatrt import bench, bench_concurrent, bench_plot, metrics
+from chatrt.cache.store import RedisStore
 from chatrt.config import Config
 from chatrt.errors import ChatrtError, ConfigError, MetricsUnavailable
 from chatrt.runtime import ChatRuntime
 from chatrt.stats import DeploymentStats, RuntimeStats
-from chatrt.store import RedisStore
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width

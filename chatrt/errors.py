@@ -58,6 +58,10 @@ class SessionConflict(ChatrtError):
         self.reply = reply
 
 
+class RuntimeClosed(ChatrtError):
+    """The runtime (and its engine loop) was closed: nothing more is computed in it."""
+
+
 class CacheRejected(ChatrtError):
     """Stored KV that cannot be trusted (another model, a bad checksum, missing chunks); it is recomputed."""
 

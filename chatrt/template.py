@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedTokenizerBase
 
+from chatrt.cache.kv import common_prefix_len
 from chatrt.errors import InvalidMessage, TemplateError
-from chatrt.kv import common_prefix_len
 
 Role = Literal["system", "user", "assistant"]
 

@@ -104,3 +104,22 @@ async def test_a_stopped_stream_records_exactly_what_its_consumer_received(art):
         assert s.last_turn.finish_reason == "cancelled"
         assert_kv_agrees(s.sync)  # the cache keeps the tokens of what was received, nothing after
     assert_exact(s.sync, await s.send("and now a whole reply"), 12)
+
+
+async def test_streams_hold_no_thread_while_they_wait_for_the_model(art):
+    """With one worker thread for the whole loop, four streams still decode together in the engine's batches:
+    only a turn's start and its recording take a thread, not the wait for its pieces."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+    sessions = [await art.open_session() for _ in range(4)]
+    engine = art.sync.engine
+    steps, rows = engine.steps, engine.rows
+
+    async def consume(s) -> str:
+        return "".join([p async for p in s.stream("tell me about the sea", max_new_tokens=40)])
+
+    texts = await asyncio.gather(*(consume(s) for s in sessions))
+    assert (engine.rows - rows) / (engine.steps - steps) > 1.5  # one at a time would be 1 row per step
+    for s, text in zip(sessions, texts, strict=True):
+        assert text == s.sync.messages[-1].content

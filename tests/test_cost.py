@@ -1,6 +1,6 @@
 """The cost model restores when moving the bytes is estimated faster than recomputing the tokens, and learns."""
 
-from chatrt.cost import CostModel
+from chatrt.cache.cost import CostModel
 
 
 def model(probes=None) -> CostModel:

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chatrt import bench
+from chatrt.cache.kv import common_prefix_len
 from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine import Engine, Generation, TextStream, compute_kv, decode_step, prefill, sample
-from chatrt.kv import common_prefix_len
 from chatrt.model import LoadedModel
 from chatrt.template import ChatTemplate, Message
 from tests.conftest import reference_reply
@@ -192,8 +192,10 @@ def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm
                         assert gap < 1e-3, f"turn {turns} diverged at step {k}, where the top-2 gap is {gap:.2e}"
                 turns += 1
                 agreed += got == reference_reply(tiny_lm, prompt, 12)
-    print(f"\nbatched vs unbatched: {agreed}/{turns} replies identical ({agreed / turns:.1%}); "
-          f"largest logit difference {worst:.2e}")
+    print(
+        f"\nbatched vs unbatched: {agreed}/{turns} replies identical ({agreed / turns:.1%}); "
+        f"largest logit difference {worst:.2e}"
+    )
     assert turns >= 200 and worst < 1e-3
 
 

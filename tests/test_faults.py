@@ -14,11 +14,11 @@ import pytest
 import redis
 from safetensors.torch import load as st_load
 
+from chatrt.cache.integrity import Sealer
+from chatrt.cache.kv import KV, to_chunks
+from chatrt.cache.store import SessionRecord
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionLeased, SessionNotFound
-from chatrt.integrity import Sealer
-from chatrt.kv import KV, to_chunks
 from chatrt.redis_server import RedisServer
-from chatrt.store import SessionRecord
 from tests.conftest import tiered, tiny_llama
 from tests.test_session import assert_exact, random_message
 
@@ -173,7 +173,32 @@ def test_close_during_a_redis_stall_is_reported_and_the_session_never_comes_back
         assert "resumed" not in outcomes and "closed" in outcomes
         client = redis.Redis.from_url(server.url)
         assert client.keys("chatrt:{gone}:*") == [b"chatrt:{gone}:closed"]
-        assert rt.leases.pending_deletes == set()
+        assert rt.journal.leases.pending_deletes == set()
+
+
+def test_a_redis_stall_during_a_demotion_holds_up_no_other_thread(tiny_lm, server):
+    """The ladder's policy runs under the tier lock; the write to Redis does not: while it waits on a stalled
+    Redis, every other thread's view of the tiers (stats, another session's turn) goes on."""
+    server.start()
+    with tiered(tiny_lm, server.url, device_bytes=1, redis_timeout_s=30) as rt:
+        s, other = rt.open_session(session_id="slow"), rt.open_session(session_id="other")
+        s.send("hello")
+        assert s.tier == "host"
+        server.pause()
+        try:
+            mover = threading.Thread(target=rt.tiers.demote, args=("slow",))
+            mover.start()
+            deadline = time.monotonic() + 10
+            while "slow" not in rt.tiers._ladder.moving and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert rt.stats().tiers["redis"].sessions == 0  # answered while the write still waits on Redis
+            assert "slow" in rt.tiers._ladder.moving and mover.is_alive()
+        finally:
+            server.resume()
+        mover.join(timeout=30)
+        assert s.tier == "redis" and rt.stats().tier_counters.redis_errors == 0
+        assert_exact(s, s.send("and again"), 12)
+        assert_exact(other, other.send("hi"), 12)
 
 
 def forge(client, session_id: str, sealer=None, *, tensors=None, meta=None, messages=None) -> None:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from chatrt.cache.integrity import Sealer
+from chatrt.cache.kv import KV, check_meta, common_prefix_len, from_chunks, to_chunks
 from chatrt.engine import compute_kv, decode_step, prefill
 from chatrt.errors import CacheRejected
-from chatrt.integrity import Sealer
-from chatrt.kv import KV, check_meta, common_prefix_len, from_chunks, to_chunks
 from tests.conftest import tiny_llama
 
 

@@ -106,4 +106,3 @@ def test_a_slow_turn_keeps_its_lease_and_a_stalled_one_never_overwrites_another_
     assert result["after"][-2] == "a question answered elsewhere" and result["next_exact"]
     users = ["the first question", "a question read slowly", "one more", "a question answered elsewhere", "one more"]
     assert stored_users(tiny_lm, redis_url) == users  # nothing the other process wrote was lost
-

@@ -4,9 +4,9 @@ import hashlib
 import threading
 import time
 
-import chatrt.prefix
+import chatrt.cache.prefix
+from chatrt.cache.prefix import PrefixStore, prefix_hash
 from chatrt.engine import compute_kv
-from chatrt.prefix import PrefixStore, prefix_hash
 
 
 def store(**limits) -> PrefixStore:
@@ -78,7 +78,7 @@ def test_byte_limit(tiny_lm):
 
 
 def test_a_hash_collision_never_serves_another_prefix(tiny_lm, monkeypatch):
-    monkeypatch.setattr(chatrt.prefix, "prefix_hash", lambda fp, ids: "same")
+    monkeypatch.setattr(chatrt.cache.prefix, "prefix_hash", lambda fp, ids: "same")
     s = store()
     a = s.acquire((1, 2, 3))
     kv_a, _ = s.kv(a, lambda ids: compute_kv(tiny_lm, ids))

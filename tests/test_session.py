@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from chatrt import ChatRuntime, Config, bench
+from chatrt.cache.kv import common_prefix_len
 from chatrt.errors import (
     ConfigError,
     ContextLengthError,
@@ -15,7 +16,6 @@ from chatrt.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from chatrt.kv import common_prefix_len
 from tests.conftest import reference_reply, threaded, tiered
 
 WORDS = [
@@ -50,8 +50,8 @@ def random_message(rng: random.Random) -> str:
 
 def assert_exact(session, reply, max_new_tokens: int) -> None:
     """The reply equals greedy transformers on the full prompt with no cache, and the token books balance."""
-    lm = session.rt.lm
-    prompt = session.rt.template.render(session.transcript[:-1])
+    lm = session.model
+    prompt = session.template.render(session.transcript[:-1])
     assert reply.token_ids == reference_reply(lm, prompt, max_new_tokens)
     st = reply.stats
     assert st.prompt_tokens == len(prompt)
@@ -64,7 +64,7 @@ def assert_kv_agrees(session) -> None:
     prompt and the reply so far), nothing else."""
     kv = session.kv
     if kv is not None:
-        assert kv.ids == tuple(session.rt.template.render(session.transcript)[: len(kv)])
+        assert kv.ids == tuple(session.template.render(session.transcript)[: len(kv)])
 
 
 def expected_kv_len(prompt_tokens: int, reply) -> int:

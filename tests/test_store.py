@@ -5,11 +5,11 @@ import time
 
 import pytest
 
+from chatrt.cache.integrity import Sealer
+from chatrt.cache.kv import from_chunks, to_chunks
+from chatrt.cache.store import RedisStore, SessionRecord
 from chatrt.engine import compute_kv
 from chatrt.errors import CacheRejected, InvalidMessage, SessionClosed, SessionConflict, SessionLeased, StoreUnavailable
-from chatrt.integrity import Sealer
-from chatrt.kv import from_chunks, to_chunks
-from chatrt.store import RedisStore, SessionRecord
 from chatrt.template import Message
 
 

@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from chatrt.cache.kv import KV, new_cache
 from chatrt.config import GenerationConfig
-from chatrt.kv import KV, new_cache
 from chatrt.model import LoadedModel
 from chatrt.template import decode
 
@@ -148,6 +148,8 @@ class Generation:
     prompt_len: int = 0
     marks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     """(characters handed out, reply tokens that spell them) after each piece: where a stopped reply can be cut."""
+    prefill_only: bool = False
+    """Only compute the KV of the prompt (a shared prefix, a probe): ends when the prompt is in, sampling nothing."""
     done: bool = False
     next_token: int = -1
     """The token sampled last, to be fed at the next step (while not done)."""

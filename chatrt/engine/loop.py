@@ -7,17 +7,20 @@ Callers read a request's pieces from its channel; a caller that stops reading ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 
 import torch
 
-from chatrt.config import EngineConfig
+from chatrt.cache.kv import KV
+from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine.generation import Generation, forward
 from chatrt.engine.packed import run_rows, use_packed_attention
 from chatrt.engine.scheduler import Scheduler
+from chatrt.errors import RuntimeClosed
 from chatrt.model import LoadedModel
 
 _END = None
@@ -26,14 +29,18 @@ log = logging.getLogger("chatrt")
 
 class Request:
     """A turn submitted to the engine: its Generation (the reply's state), the prompt ids still to prefill, the
-    channel its pieces come through, and a cancel flag."""
+    channel its pieces come through, and a cancel flag. A thread reads the channel with `stream()`, an event
+    loop with `astream()`: no thread waits on a request for it."""
 
     def __init__(self, gen: Generation, engine: Engine) -> None:
         self.gen, self.engine = gen, engine
         self.pending = gen.begin()  # prompt ids still to run through the model
-        self.pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
+        self.delivered = 0
+        """Characters of the reply handed to the reader: when it stops early, that is the reply."""
         self.ended = threading.Event()
+        self._pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         self._cancel = threading.Event()
+        self._notify: Callable[[], None] = lambda: None  # an event loop's reader is woken through this
 
     @property
     def to_prefill(self) -> int:
@@ -46,25 +53,58 @@ class Request:
     def inputs(self, n: int) -> list[int]:
         return self.pending[:n] if self.pending else [self.gen.next_token]
 
+    def put(self, item: str | BaseException | None) -> None:
+        """(engine) A piece, an error, or the end."""
+        self._pieces.put(item)
+        self._notify()
+
     def cancel(self) -> None:
         self._cancel.set()
         self.engine.wake()
 
     def stream(self) -> Generator[str, None, None]:
-        """The reply's pieces as the engine produces them. Stopping early (close) cancels the request, waits
-        for the engine to end it, and keeps as the reply exactly the characters this stream handed out."""
-        delivered = 0
+        """The reply's pieces as the engine produces them. Stopping early (close) cancels the request and waits
+        for the engine to end it; `delivered` says how much of the reply this stream handed out."""
         try:
-            while (item := self.pieces.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                delivered += len(item)
-                yield item
+            while (item := self._pieces.get()) is not _END:
+                yield self._take(item)
         finally:
             if not self.ended.is_set():
                 self.cancel()
                 self.ended.wait()
-            self.gen.cut(delivered)
+
+    async def astream(self) -> AsyncGenerator[str, None]:
+        """`stream()` for an event loop: the engine wakes this reader through the loop, no thread blocks."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._notify = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                try:
+                    item = self._pieces.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._pieces.empty():  # a piece put after this check sets `ready` again
+                        await ready.wait()
+                    continue
+                if item is _END:
+                    return
+                yield self._take(item)
+        finally:
+            if not self.ended.is_set():
+                self.cancel()
+                while not self.ended.is_set():  # the engine ends it at its next step, and puts the end
+                    ready.clear()
+                    if not self.ended.is_set():
+                        await ready.wait()
+            self._notify = lambda: None
+
+    def _take(self, item: str | BaseException | None) -> str:
+        if isinstance(item, BaseException):
+            raise item
+        assert item is not None
+        self.delivered += len(item)
+        return item
 
 
 class Engine:
@@ -84,13 +124,27 @@ class Engine:
         request = Request(gen, self)
         with self._work:
             if self._stopped:
-                raise RuntimeError("the engine is closed")
+                raise RuntimeClosed("the runtime is closed; create a new ChatRuntime to go on")
             self.scheduler.add(request)
             if self._thread is None and self._threaded:
                 self._thread = threading.Thread(target=self._loop, name="chatrt-engine", daemon=True)
                 self._thread.start()
             self._work.notify()
         return request
+
+    def compute_kv(self, ids: tuple[int, ...]) -> KV:
+        """The KV of `ids` from scratch (a shared prefix, a cost probe), prefilled by the loop: in chunks that
+        share steps with the decoding rows, as a turn's prompt is. Blocks until it is computed."""
+        gen = Generation(self.lm, None, list(ids), GenerationConfig(), prefill_only=True)
+        request = self.submit(gen)
+        while not self._threaded and not request.ended.is_set():  # no loop thread: the caller steps
+            self.step()
+        request.ended.wait()
+        for _ in request.stream():  # nothing is sampled: only an error can come through
+            pass
+        if gen.kv is None:
+            raise RuntimeClosed("the runtime closed before the prefix was computed")
+        return gen.kv
 
     def wake(self) -> None:
         with self._work:
@@ -127,7 +181,7 @@ class Engine:
                     requests = [*self.scheduler.running, *self.scheduler.waiting]
                     self.scheduler.waiting.clear()
                 for request in requests:
-                    request.pieces.put(e)
+                    request.put(e)
                     self._end(request)
 
     def step(self) -> None:
@@ -141,7 +195,7 @@ class Engine:
             logits = self._run([(r.gen, r.inputs(n)) for r, n in rows])
         except Exception as e:  # every row of a failed step has a cache it cannot trust: each gets the error
             for request, _ in rows:
-                request.pieces.put(e)
+                request.put(e)
                 self._end(request)
             return
         self.steps, self.rows = self.steps + 1, self.rows + len(rows)
@@ -151,10 +205,14 @@ class Engine:
                 del request.pending[:n]
                 if request.pending:
                     continue  # more of the prompt to prefill before the first token
+                if gen.prefill_only:
+                    gen.end("length")
+                    self._end(request)
+                    continue
             else:
                 gen.advance()
             if piece := gen.accept(row_logits):
-                request.pieces.put(piece)
+                request.put(piece)
             if gen.done:
                 self._end(request)
 
@@ -171,6 +229,6 @@ class Engine:
             if request in self.scheduler.running:
                 self.scheduler.finish(request)
         if rest := request.gen.end():
-            request.pieces.put(rest)
-        request.pieces.put(_END)
-        request.ended.set()
+            request.put(rest)
+        request.ended.set()  # before the end is put: a reader woken by it finds the request ended
+        request.put(_END)

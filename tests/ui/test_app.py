@@ -42,8 +42,8 @@ def long_runtime(tiny_lm):
 
 def assert_last_reply_exact(conversation, max_new_tokens: int) -> None:
     session = conversation.session
-    prompt = session.rt.template.render(session.transcript[:-1])
-    assert session.messages[-1].token_ids == reference_reply(session.rt.lm, prompt, max_new_tokens)
+    prompt = session.template.render(session.transcript[:-1])
+    assert session.messages[-1].token_ids == reference_reply(session.model, prompt, max_new_tokens)
 
 
 def turn_rows(screen: ChatScreen) -> list[list[str]]:
@@ -301,7 +301,7 @@ async def test_chat_on_the_bundled_model_is_exact_and_reuses_the_history(bundled
         first, second = conversation.turns
         assert second.reused_session_tokens >= first.prompt_tokens  # the whole first turn, reply included
         session = conversation.session
-        prompt = session.rt.template.render(session.transcript[:-1])
-        assert session.messages[-1].token_ids == reference_reply(session.rt.lm, prompt, 24, use_cache=True)
+        prompt = session.template.render(session.transcript[:-1])
+        assert session.messages[-1].token_ids == reference_reply(session.model, prompt, 24, use_cache=True)
         assert bubbles(conversation) == transcript(conversation)
         assert turn_rows(pilot.app.screen)[1][2] == str(second.reused_tokens)

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from chatrt.kv import KV
+from chatrt.cache.kv import KV
 
 
 def prefix_hash(fingerprint: str, ids: tuple[int, ...]) -> str:

@@ -1,6 +1,9 @@
-"""The tier ladder of session caches: device → host → Redis → dropped, by LRU under byte and session budgets.
+"""The movers of the tier ladder: they carry session caches device → host → Redis → dropped and back, as the
+policy (`Ladder`: LRU under byte and session budgets) asks, and weigh restore against recompute.
 
-A session that is generating has its KV checked out: it sits in no LRU, so it is pinned and never moves.
+The policy is consulted under this module's lock; copies, serialization, hashing and Redis I/O run outside
+it, on the thread of the turn (or close) that caused the move. A session that is generating has its KV
+checked out: pinned, it never moves. A checkout of a cache that is on its way down waits for it to land.
 """
 
 from __future__ import annotations
@@ -9,37 +12,27 @@ import contextlib
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import redis
 import torch
 
+from chatrt.cache.cost import Choice, CostModel
+from chatrt.cache.integrity import Sealer
+from chatrt.cache.kv import KV, KVMeta, check_meta, from_chunks, to_chunks
+from chatrt.cache.ladder import TIERS, Budget, Eviction, Ladder, Slot, Tier
+from chatrt.cache.store import RedisStore, SessionRecord
 from chatrt.config import TierConfig
-from chatrt.cost import Choice, CostModel
-from chatrt.engine import compute_kv
 from chatrt.errors import CacheRejected, StoreUnavailable
-from chatrt.integrity import Sealer
-from chatrt.kv import KV, KVMeta, check_meta, from_chunks, to_chunks
 from chatrt.model import LoadedModel
 from chatrt.stats import TierCounters, TierUsage
-from chatrt.store import RedisStore, SessionRecord
 
-Tier = Literal["device", "host", "redis"]
 Source = Literal["device", "host", "redis", "none"]
-TIERS: tuple[Tier, ...] = ("device", "host", "redis")
 _PROBE_TOKENS = 128
 _PROBE_BYTES = 8 * 2**20
-
-
-@dataclass
-class Slot:
-    """Where one session's KV is: tensors on the device or the host, or `meta` of its chunks in Redis."""
-
-    kv: KV | None
-    meta: KVMeta | None
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -62,23 +55,34 @@ class Checkout:
     rejected: str = ""  # why a stored cache could not be used
 
 
-@dataclass
-class _Ladder:
-    lru: dict[Tier, OrderedDict[str, Slot]] = field(default_factory=lambda: {t: OrderedDict() for t in TIERS})
-    pinned: dict[str, int] = field(default_factory=dict)  # checked-out session → bytes it occupies on the device
-
-
 class Tiers:
-    def __init__(self, config: TierConfig, lm: LoadedModel, store: RedisStore | None) -> None:
-        self.config, self.lm, self.store = config, lm, store
+    def __init__(
+        self,
+        config: TierConfig,
+        lm: LoadedModel,
+        store: RedisStore | None,
+        compute: Callable[[tuple[int, ...]], KV],
+    ) -> None:
+        """`compute`: the KV of some ids from scratch (the engine's), for the prefill probe."""
+        self.config, self.lm, self.store, self.compute = config, lm, store, compute
         self.fingerprint = lm.info.fingerprint
         self.spec = lm.kv_spec
         self.sealer = store.sealer if store is not None else Sealer()
         self.cost = CostModel({"prefill": self._probe_prefill, "host": self._probe_host, "redis": self._probe_redis})
         self.counters = TierCounters()
         self.moves: deque[Move] = deque(maxlen=1024)
-        self._ladder = _Ladder()
-        self._lock = threading.RLock()
+        self._ladder = self._new_ladder()
+        self._lock = threading.Condition(threading.RLock())  # notified when a moving cache lands
+
+    def _new_ladder(self) -> Ladder:
+        c = self.config
+        return Ladder(
+            {
+                "device": Budget(c.device_bytes, c.device_sessions),
+                "host": Budget(c.host_bytes, c.host_sessions),
+                "redis": Budget(c.redis_bytes, c.redis_sessions),
+            }
+        )
 
     # -- a session's turn --------------------------------------------------------------------------
 
@@ -86,23 +90,20 @@ class Tiers:
         """Take the session's KV out of the ladder and bring it to the device, or leave it to be recomputed
         when that is cheaper. It stays pinned (counted on the device, never moved) until `checkin`."""
         with self._lock:
-            tier, slot = self._find(session_id)
-            if slot is None:
-                self._ladder.pinned[session_id] = 0
-                return Checkout(None, "none")
-            del self._ladder.lru[tier][session_id]
-            self._ladder.pinned[session_id] = slot.nbytes
+            self._lock.wait_for(lambda: session_id not in self._ladder.moving)
+            tier, slot = self._ladder.take(session_id)
+        if slot is None:
+            return Checkout(None, "none")
         if tier == "device":
             return Checkout(slot.kv, "device")
         return self._promote(session_id, tier, slot)
 
     def checkin(self, session_id: str, kv: KV | None) -> None:
-        """The turn is over: its KV is the session's most recently used cache on the device."""
+        """The turn is over: its KV is the session's most recently used cache on the device. Idle caches over
+        the budgets move down (on this thread)."""
         with self._lock:
-            self._ladder.pinned.pop(session_id, None)
-            if kv is not None:
-                self._ladder.lru["device"][session_id] = Slot(kv, None, kv.nbytes)
-            self._enforce()
+            self._ladder.unpin(session_id, Slot(kv, None, kv.nbytes) if kv is not None else None)
+        self._settle()
 
     def adopt(self, record: SessionRecord) -> str:
         """A session resumed from Redis: its KV (if the record names one) is on the Redis tier.
@@ -115,19 +116,21 @@ class Tiers:
             self.count(rejected=1)
             return str(e)
         with self._lock:
-            self._ladder.lru["redis"][record.session_id] = Slot(None, record.kv, record.kv.nbytes)
+            self._ladder.put("redis", record.session_id, Slot(None, record.kv, record.kv.nbytes))
         return ""
 
     def peek(self, session_id: str) -> KV | None:
         """The session's KV when it is in process memory (device or host), without moving it."""
         with self._lock:
-            tier, slot = self._find(session_id)
+            tier, slot = self._ladder.find(session_id)
             return slot.kv if slot is not None and tier != "redis" else None
 
     def where(self, session_id: str) -> Source:
         with self._lock:
-            tier, slot = self._find(session_id)
-            return tier if slot is not None or session_id in self._ladder.pinned else "none"
+            tier, slot = self._ladder.find(session_id)
+            if slot is not None or session_id in self._ladder.pinned:
+                return tier
+            return self._ladder.moving.get(session_id, "none")
 
     def kv_meta(self, session_id: str) -> KVMeta | None:
         """What the session's Redis chunks hold, when its KV is on the Redis tier (for its record)."""
@@ -136,18 +139,18 @@ class Tiers:
             return slot.meta if slot is not None else None
 
     def drop(self, session_id: str) -> None:
-        """Forget the session's KV on every tier of this process (the caller deletes its Redis keys)."""
+        """Forget the session's KV on every tier of this process (the caller deletes its Redis keys). A cache
+        on its way down is discarded where it lands."""
         with self._lock:
-            for lru in self._ladder.lru.values():
-                lru.pop(session_id, None)
-            self._ladder.pinned.pop(session_id, None)
+            self._ladder.drop(session_id)
 
     def take_stored(self, session_id: str) -> tuple[KVMeta | None, list[memoryview] | None]:
         """Runtime shutdown: forget the session's KV here and return what Redis should keep of it: the metadata
         and chunks of a KV that was in memory, or the metadata of the chunks already in Redis (no chunks)."""
         with self._lock:
-            tier, slot = self._find(session_id)
-            self.drop(session_id)
+            self._lock.wait_for(lambda: session_id not in self._ladder.moving)
+            tier, slot = self._ladder.find(session_id)
+            self._ladder.drop(session_id)
         if slot is None:
             return None, None
         if tier == "redis":
@@ -157,7 +160,17 @@ class Tiers:
 
     def clear(self) -> None:
         with self._lock:
-            self._ladder = _Ladder()
+            self._ladder = self._new_ladder()
+
+    def demote(self, session_id: str) -> Source:
+        """Move an idle session's cache one tier down now (device → host → Redis → dropped), whatever the
+        budgets say, then enforce them. A generating session is not moved. Returns where the cache is after."""
+        with self._lock:
+            eviction = self._ladder.take_idle(session_id)
+        if eviction is not None:
+            self._move_down(eviction)
+            self._settle()
+        return self.where(session_id)
 
     # -- shared prefixes: an evicted prefix waits in Redis, where any process can load it ------------
 
@@ -204,8 +217,8 @@ class Tiers:
             }
             return {
                 t: TierUsage(
-                    sessions=self._sessions(t),
-                    bytes=self._bytes(t),
+                    sessions=self._ladder.sessions(t),
+                    bytes=self._ladder.bytes(t),
                     budget_bytes=budgets[t],
                 )
                 for t in TIERS
@@ -232,7 +245,7 @@ class Tiers:
         if choice is not None:
             self.cost.observe(tier, slot.nbytes, seconds)
         with self._lock:
-            self._ladder.pinned[session_id] = kv.nbytes
+            self._ladder.pin(session_id, kv.nbytes)
         self.count(promotions=1, restores=1, restore_s=seconds)
         self._log(session_id, tier, "device")
         return Checkout(kv, tier, restore_s=seconds, choice=choice)
@@ -270,81 +283,52 @@ class Tiers:
         except StoreUnavailable:
             self.count(redis_errors=1)
 
-    def demote(self, session_id: str) -> Source:
-        """Move an idle session's cache one tier down now (device → host → Redis → dropped), whatever the
-        budgets say, then enforce them. A generating session is not moved. Returns where the cache is after."""
-        with self._lock:
-            tier, slot = self._find(session_id)
-            if slot is not None:
-                del self._ladder.lru[tier][session_id]
-                self._move_down(tier, session_id, slot)
-                self._enforce()
-            return self.where(session_id)
+    def _settle(self) -> None:
+        """Move caches down until every tier is within its budgets: the policy picks them under the lock, the
+        copies and Redis writes run after it is released."""
+        while True:
+            with self._lock:
+                evictions = self._ladder.evict()
+            if not evictions:
+                return
+            for eviction in evictions:
+                self._move_down(eviction)
 
-    def _enforce(self) -> None:
-        """Demote least recently used idle caches until every tier is within its budgets. Caller holds the lock."""
-        c = self.config
-        lru = self._ladder.lru
-        for tier, max_bytes, max_sessions in (
-            ("device", c.device_bytes, c.device_sessions),
-            ("host", c.host_bytes, c.host_sessions),
-            ("redis", c.redis_bytes, c.redis_sessions),
-        ):
-            while self._over(tier, max_bytes, max_sessions) and lru[tier]:
-                session_id, slot = lru[tier].popitem(last=False)
-                self._move_down(tier, session_id, slot)
-
-    def _move_down(self, tier: Tier, session_id: str, slot: Slot) -> None:
-        """One step down the ladder for a cache already taken out of `tier`'s LRU. Caller holds the lock."""
-        if tier == "device":
-            assert slot.kv is not None
-            pinned = self.lm.device.type == "cuda"
-            self._ladder.lru["host"][session_id] = Slot(slot.kv.to("cpu", pin=pinned), None, slot.nbytes)
-            self.count(demotions=1)
-            self._log(session_id, "device", "host")
-        elif tier == "host":
-            self._demote_to_redis(session_id, slot)
-        else:
-            self._after_promotion(session_id, "redis")  # its chunks go; the transcript stays
-            self.count(drops=1)
-            self._log(session_id, "redis", "dropped")
-
-    def _demote_to_redis(self, session_id: str, slot: Slot) -> None:
-        assert slot.kv is not None
-        if self.store is not None:
+    def _move_down(self, e: Eviction) -> None:
+        """One step down the ladder for a cache the policy took off `e.tier`, then landed (or discarded, when
+        its session was dropped meanwhile). Frees the device copy; writes to Redis outside the lock."""
+        dst: Tier | None = None
+        slot: Slot | None = None
+        if e.tier == "device":
+            assert e.slot.kv is not None
+            kv = e.slot.kv.to("cpu", pin=self.lm.device.type == "cuda")
+            dst, slot = "host", Slot(kv, None, e.slot.nbytes)
+        elif e.tier == "host" and self.store is not None:
+            assert e.slot.kv is not None
             try:
-                meta, chunks = self._chunks(slot.kv)
+                meta, chunks = self._chunks(e.slot.kv)
                 # Refused when the session is not stored (closed meanwhile) or another process holds it now.
-                if self.store.put_kv(session_id, meta, chunks):
-                    self._ladder.lru["redis"][session_id] = Slot(None, meta, meta.nbytes)
-                    self.count(demotions=1)
-                    self._log(session_id, "host", "redis")
-                    return
+                if self.store.put_kv(e.session_id, meta, chunks):
+                    dst, slot = "redis", Slot(None, meta, meta.nbytes)
             except StoreUnavailable:
                 self.count(redis_errors=1)
-        self.count(drops=1)
-        self._log(session_id, "host", "dropped")
-
-    def _over(self, tier: Tier, max_bytes: int, max_sessions: int) -> bool:
-        return self._bytes(tier) > max_bytes or (max_sessions > 0 and self._sessions(tier) > max_sessions)
-
-    def _sessions(self, tier: Tier) -> int:
-        """Caches on `tier`; the device also holds every checked-out (generating) one."""
-        return len(self._ladder.lru[tier]) + (len(self._ladder.pinned) if tier == "device" else 0)
+        elif e.tier == "redis":
+            self._after_promotion(e.session_id, "redis")  # its chunks go; the transcript stays
+        with self._lock:
+            landed = self._ladder.land(e.session_id, dst, slot)
+            self._lock.notify_all()
+        if not landed:  # dropped while it moved (closed): nothing of it may stay
+            if dst == "redis":
+                self._after_promotion(e.session_id, "redis")
+            return
+        if dst is not None:
+            self.count(demotions=1)
+        else:
+            self.count(drops=1)
+        self._log(e.session_id, e.tier, dst or "dropped")
 
     def _chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
         return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes, self.sealer)
-
-    def _bytes(self, tier: Tier) -> int:
-        pinned = sum(self._ladder.pinned.values()) if tier == "device" else 0
-        return pinned + sum(s.nbytes for s in self._ladder.lru[tier].values())
-
-    def _find(self, session_id: str) -> tuple[Tier, Slot | None]:
-        for tier in TIERS:
-            slot = self._ladder.lru[tier].get(session_id)
-            if slot is not None:
-                return tier, slot
-        return "device", None
 
     def _log(self, session_id: str, src: Source, dst: Literal["device", "host", "redis", "dropped"]) -> None:
         self.moves.append(Move(session_id, src, dst))
@@ -353,9 +337,9 @@ class Tiers:
 
     def _probe_prefill(self) -> tuple[float, float]:
         ids = tuple(range(1, _PROBE_TOKENS + 1))
-        compute_kv(self.lm, ids[:8])  # warm up
+        self.compute(ids[:8])  # warm up
         t0 = time.perf_counter()
-        compute_kv(self.lm, ids)
+        self.compute(ids)
         return _PROBE_TOKENS, time.perf_counter() - t0
 
     def _probe_host(self) -> tuple[float, float]:

@@ -17,6 +17,8 @@ import redis
 from pydantic import BaseModel, ValidationError
 from redis.client import Pipeline
 
+from chatrt.cache.integrity import Sealer
+from chatrt.cache.kv import KVMeta
 from chatrt.errors import (
     CacheRejected,
     ChatrtError,
@@ -26,8 +28,6 @@ from chatrt.errors import (
     SessionLeased,
     StoreUnavailable,
 )
-from chatrt.integrity import Sealer
-from chatrt.kv import KVMeta
 from chatrt.stats import DeploymentStats, RuntimeStats
 from chatrt.template import Message
 
@@ -84,9 +84,7 @@ class _Stored:
 
 
 class RedisStore:
-    def __init__(
-        self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0, secret: str = ""
-    ) -> None:
+    def __init__(self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0, secret: str = "") -> None:
         self.url, self.ttl_s, self.lease_s = url, ttl_s, lease_s
         self.sealer = Sealer(secret)
         self.owner = uuid.uuid4().hex.encode()

@@ -14,8 +14,8 @@ from safetensors.torch import save as st_save
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatrt.cache.integrity import Sealer
 from chatrt.errors import CacheRejected
-from chatrt.integrity import Sealer
 
 
 @dataclass(frozen=True)

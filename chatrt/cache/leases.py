@@ -12,8 +12,8 @@ import logging
 import threading
 from collections import Counter
 
+from chatrt.cache.store import RedisStore
 from chatrt.errors import SessionLeased, StoreUnavailable
-from chatrt.store import RedisStore
 
 log = logging.getLogger("chatrt")
 
