@@ -52,7 +52,7 @@ class ChatRuntime:
                 timeout_s=tiers.redis_timeout_s,
                 secret=tiers.redis_secret.get_secret_value(),
             )
-        self.engine = Engine(lm, self.config.engine)
+        self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
         self.journal = (
             Journal(self.store, self.template, lm.info.fingerprint, self.tiers.count)

@@ -206,3 +206,24 @@ def test_a_request_cancelled_before_its_first_step_keeps_no_cache(tiny_lm):
     request.cancel()
     engine.step()
     assert "".join(request.stream()) == "" and gen.finish_reason == "cancelled" and gen.kv is None
+
+
+def test_requests_outgrowing_the_device_are_preempted_to_the_host_and_resume_exactly(tiny_lm):
+    """Four replies whose KV does not fit the device together: the newest is parked on the host and resumes
+    where it stopped once an older one ends. Each reply equals the one computed alone (batched steps could
+    differ at a near-tie, by the rule above; these prompts have none)."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(200, 40000) for _ in range(60)] for _ in range(4)]
+    budget = 150 * tiny_lm.info.kv_bytes_per_token  # two prompts and a little room: growth forces preemption
+    engine = Engine(tiny_lm, EngineConfig(max_batch=4, prefill_chunk=0), device_bytes=budget, thread=False)
+    gens = [Generation(tiny_lm, None, p, GenerationConfig(max_new_tokens=40)) for p in prompts]
+    requests = [engine.submit(g) for g in gens]
+    while engine.scheduler.has_work():
+        engine.step()
+        running = engine.scheduler.running
+        assert sum(r.tokens for r in running) <= 150 or len(running) == 1
+    assert engine.preemptions > 0
+    for prompt, gen, request in zip(prompts, gens, requests, strict=True):
+        assert "".join(request.stream()) == gen.text
+        assert gen.kv is not None and gen.kv.ids == (*prompt, *gen.token_ids[: len(gen.kv.ids) - len(prompt)])
+        assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 40)

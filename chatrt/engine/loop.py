@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Generator
 
 import torch
 
-from chatrt.cache.kv import KV
+from chatrt.cache.kv import KV, new_cache
 from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine.generation import Generation, forward
 from chatrt.engine.packed import run_rows, use_packed_attention
@@ -40,6 +40,7 @@ class Request:
         self.ended = threading.Event()
         self._pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         self._cancel = threading.Event()
+        self._parked: KV | None = None  # its KV while preempted
         self._notify: Callable[[], None] = lambda: None  # an event loop's reader is woken through this
 
     @property
@@ -49,6 +50,23 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def tokens(self) -> int:
+        return len(self.gen.fed)
+
+    def park(self) -> None:
+        """Preempted: move the KV computed so far to the host, freeing its device memory until `unpark`."""
+        cache = self.gen.cache
+        if self._parked is None and cache is not None and cache.layers:
+            held = len(self.gen.fed) - len(self.pending)  # ids already run through the model
+            self._parked = KV.from_cache(cache, tuple(self.gen.fed[:held])).to("cpu")
+            self.gen.cache = new_cache()
+
+    def unpark(self, device: torch.device) -> None:
+        """Back in the batch: its KV returns to the device."""
+        if self._parked is not None:
+            self.gen.cache, self._parked = self._parked.to(device).as_cache(), None
 
     def inputs(self, n: int) -> list[int]:
         return self.pending[:n] if self.pending else [self.gen.next_token]
@@ -108,13 +126,16 @@ class Request:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, config: EngineConfig, *, thread: bool = True) -> None:
-        """`thread=False`: no loop thread; the caller runs `step()` (tests drive exact batches this way)."""
+    def __init__(self, lm: LoadedModel, config: EngineConfig, *, device_bytes: int = 0, thread: bool = True) -> None:
+        """`device_bytes`: the KV the running requests may hold on the device (0: no limit); beyond it the newest
+        is preempted. `thread=False`: no loop thread; the caller runs `step()` (tests drive exact batches)."""
         self.lm, self._threaded = lm, thread
         use_packed_attention(lm)
-        self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk)
+        max_tokens = max(1, device_bytes // lm.info.kv_bytes_per_token) if device_bytes else 0
+        self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk, max_tokens)
         self.steps = 0
         self.rows = 0  # rows run over all steps: rows / steps is the mean batch
+        self.preemptions = 0
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -186,11 +207,16 @@ class Engine:
 
     def step(self) -> None:
         with self._work:  # schedule
-            rows, cancelled = self.scheduler.schedule()
+            rows, cancelled, preempted = self.scheduler.schedule()
         for request in cancelled:
             self._end(request)
+        for request in preempted:
+            request.park()
+            self.preemptions += 1
         if not rows:
             return
+        for request, _ in rows:
+            request.unpark(self.lm.device)
         try:  # run
             logits = self._run([(r.gen, r.inputs(n)) for r, n in rows])
         except Exception as e:  # every row of a failed step has a cache it cannot trust: each gets the error
