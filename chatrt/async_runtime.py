@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -18,6 +18,7 @@ from chatrt.model import Progress
 from chatrt.runtime import ChatRuntime
 from chatrt.session import Plan, Reply, Session
 from chatrt.stats import RuntimeStats, SessionStats, TurnStats
+from chatrt.template import Message
 
 
 class _Closing:
@@ -94,8 +95,17 @@ class AsyncChatRuntime(_Closing):
     ) -> AsyncChatRuntime:
         return cls(await asyncio.to_thread(ChatRuntime.from_config, config, progress))
 
-    async def open_session(self, system_prompt: str | None = None, *, session_id: str | None = None) -> AsyncSession:
-        return AsyncSession(await asyncio.to_thread(self.sync.open_session, system_prompt, session_id=session_id))
+    async def open_session(
+        self,
+        system_prompt: str | None = None,
+        *,
+        session_id: str | None = None,
+        messages: Sequence[Message | dict[str, str]] = (),
+    ) -> AsyncSession:
+        session = await asyncio.to_thread(
+            self.sync.open_session, system_prompt, session_id=session_id, messages=messages
+        )
+        return AsyncSession(session)
 
     async def session(self, session_id: str) -> AsyncSession:
         return AsyncSession(await asyncio.to_thread(self.sync.session, session_id))

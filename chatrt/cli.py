@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     source = stats.add_mutually_exclusive_group()
     source.add_argument("--metrics-url", help="a running runtime's endpoint, e.g. http://127.0.0.1:9464/metrics")
     source.add_argument("--redis", help="the Redis URL a deployment shares: every process's stats and what it holds")
+    serve = command("serve", _serve, "serve the model over HTTP: OpenAI-compatible chat completions, with sessions")
+    serve.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
     command("info", _info, "print the model, its fingerprint and the configuration")
     return p
 
@@ -98,8 +101,29 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _runtime(args: argparse.Namespace) -> ChatRuntime:
+    return _runtime_from(_config(args))
+
+
+def _runtime_from(config: Config) -> ChatRuntime:
     with console.status("loading the model…") as status:
-        return ChatRuntime.from_config(_config(args), progress=lambda msg: status.update(msg))
+        return ChatRuntime.from_config(config, progress=lambda msg: status.update(msg))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the server's imports are only paid for when it runs
+
+    from chatrt.async_runtime import AsyncChatRuntime
+    from chatrt.serve.app import create_app
+
+    config = _config(args)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    config = config.with_values(serve=overrides) if overrides else config
+    rt = _runtime_from(config)
+    with rt:
+        cfg = config.serve
+        err.print(f"chatrt serve: {rt.lm.info.name} on http://{cfg.host}:{cfg.port}/v1")
+        uvicorn.run(create_app(AsyncChatRuntime(rt), cfg), host=cfg.host, port=cfg.port, log_level="info")
+    return 0
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -120,6 +120,25 @@ class MetricsConfig(_Section):
     """With Redis, how often this process writes its RuntimeStats there for `chatrt stats --redis` (0: never)."""
 
 
+class ServeConfig(_Section):
+    """`chatrt serve`: the OpenAI-compatible HTTP server."""
+
+    host: str = "127.0.0.1"
+    """Loopback unless told otherwise: anyone who can reach the port can use the model."""
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr = SecretStr("")
+    """When set (better as CHATRT_SERVE__API_KEY), every /v1 request must send `Authorization: Bearer <key>`."""
+    model_name: str = ""
+    """The model id clients name and /v1/models lists; empty: the loaded model's name."""
+    max_body_bytes: ByteSize = ByteSize(4 * 2**20)
+    """Larger request bodies are refused with 413."""
+    max_waiting: int = Field(64, ge=0)
+    """Requests queued beyond engine.max_batch; more are refused with 503 and Retry-After."""
+    stateless_sessions: int = Field(256, ge=1)
+    """Sessions kept for clients that resend the whole conversation (no session id); least recently used are
+    closed beyond this."""
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -128,6 +147,7 @@ class Config(_Section):
     tiers: TierConfig = TierConfig()
     engine: EngineConfig = EngineConfig()
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:

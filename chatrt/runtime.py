@@ -12,7 +12,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from chatrt.cache.journal import Journal
 from chatrt.cache.prefix import PrefixStore
@@ -32,7 +35,7 @@ from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
 from chatrt.session import Parts, Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
-from chatrt.template import ChatTemplate, check_text
+from chatrt.template import ChatTemplate, Message, check_text, check_turns
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -96,17 +99,27 @@ class ChatRuntime:
             config = Config.load(config)
         return cls(load(config.model, progress), config)
 
-    def open_session(self, system_prompt: str | None = None, *, session_id: str | None = None) -> Session:
+    def open_session(
+        self,
+        system_prompt: str | None = None,
+        *,
+        session_id: str | None = None,
+        messages: Sequence[Message | dict[str, str]] = (),
+    ) -> Session:
         """A new conversation. Without a system prompt the model's template default (if any) applies.
-        With Redis, the id of a closed session may be used again; that of a stored one may not."""
+        With Redis, the id of a closed session may be used again; that of a stored one may not.
+
+        `messages` seeds it with a history the caller kept (whole turns: user, assistant, ...; as Message or
+        {"role", "content"} dicts): its KV is computed by the first turn, which then reuses it."""
         session_id = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
         if system_prompt is not None:
             check_text(system_prompt, "the system prompt")
+        history = check_turns([_message(m) for m in messages])
         with self._lock:
             if session_id in self._sessions:
                 raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
             self._check_room()
-            session = Session(self._parts, session_id, system_prompt)
+            session = Session(self._parts, session_id, system_prompt, messages=history, turns=len(history) // 2)
             self._sessions[session_id] = session  # the id is taken here before Redis is asked (outside the lock)
         if self.journal is not None:
             try:
@@ -221,6 +234,18 @@ class ChatRuntime:
             raise TooManySessions(
                 f"{len(self._sessions)} sessions are open, the configured session.max_sessions; close some first"
             )
+
+
+def _message(m: object) -> Message:
+    """A history entry as given (a Message, or a dict with role and content); its text only, never token ids."""
+    if isinstance(m, Message):
+        return Message(role=m.role, content=m.content)
+    if isinstance(m, dict) and set(m) <= {"role", "content"}:
+        try:
+            return Message(role=m.get("role"), content=m.get("content"))  # type: ignore[arg-type]
+        except ValidationError as e:
+            raise InvalidMessage(f"a history message is not valid: {e.errors()[0]['msg']}") from None
+    raise InvalidMessage(f"a history message is a Message or a dict with 'role' and 'content', not {m!r:.60}")
 
 
 def check_session_id(session_id: object) -> str:

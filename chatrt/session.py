@@ -285,8 +285,10 @@ class Session:
         """A turn's last phase, once its request has ended (it may block: the transcript written to Redis, the
         cache moved down the ladder): keep the reply as far as it was delivered, record it unless the turn
         failed, check the KV in, let the session go."""
-        gen = turn.request.gen
-        assert turn.request.ended.is_set()
+        gen, request = turn.request.gen, turn.request
+        if not request.ended.is_set():  # its reader was interrupted before the request ended: end it now
+            request.cancel()
+            request.ended.wait()
         try:
             if record:
                 gen.cut(turn.request.delivered)

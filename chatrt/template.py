@@ -36,6 +36,19 @@ class Message(BaseModel):
     token_ids: tuple[int, ...] | None = None
 
 
+def check_turns(messages: list[Message], what: str = "the history") -> list[Message]:
+    """`messages` when they are whole turns: valid text, user and assistant in order, ending with a reply."""
+    for m in messages:
+        check_text(m.content, "a message")
+    roles = [m.role for m in messages]
+    if roles != ["user", "assistant"] * (len(roles) // 2):
+        raise InvalidMessage(
+            f"{what} must be whole turns, user then assistant, in order ({', '.join(roles[:8]) or 'none'} given); "
+            "a system prompt is passed apart"
+        )
+    return messages
+
+
 def decode(tokenizer: PreTrainedTokenizerBase, ids: tuple[int, ...] | list[int]) -> str:
     """The text of generated ids, exactly (special tokens and spaces as they are)."""
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -3,10 +3,19 @@ and a real redis-server started on a free loopback port for the test session."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import torch
@@ -135,3 +144,51 @@ def threaded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
 def live_keys(client: redis.Redis) -> list[bytes]:
     """chatrt's keys in Redis but the tombstones of closed sessions (a few bytes each, expiring with the TTL)."""
     return sorted(k for k in client.keys("chatrt:*") if not k.endswith(b":closed"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_lm, tmp_path_factory) -> Path:
+    """The tiny model saved as a transformers folder, for processes that load it by path (`chatrt serve`)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_lm.model.save_pretrained(folder)
+    tiny_lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(model: str | Path, max_new_tokens: int = 12, **env: object) -> Iterator[str]:
+    """A real `chatrt serve` process on a free loopback port; yields its base URL (…/v1) once /healthz answers.
+    `env`: CHATRT_* settings, e.g. SERVE__API_KEY="k" or TIERS__REDIS_URL=url."""
+    port = free_port()
+    settings = {"GENERATION__MAX_NEW_TOKENS": max_new_tokens, **env}
+    environ = {**os.environ, **{f"CHATRT_{k}": str(v) for k, v in settings.items()}}
+    chatrt = Path(sys.executable).with_name("chatrt")
+    cmd = [str(chatrt), "serve", "--model", str(model), "--dtype", "float32", "--port", str(port)]
+    with tempfile.TemporaryFile(mode="w+") as log:  # read back when it fails to start
+        proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"chatrt serve exited with {proc.returncode}: {log.read()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "chatrt serve did not start within 120 s"
+                time.sleep(0.2)
+            yield f"{base}/v1"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -481,3 +481,36 @@ def test_a_failed_engine_step_fails_its_turn_and_the_session_goes_on(runtime, mo
     monkeypatch.undo()
     assert len(s.messages) == 2 and s.kv is None  # nothing recorded, and no cache it cannot trust
     assert_exact(s, s.send("and this one is answered"), 12)
+
+
+def test_a_session_seeded_with_a_kept_history_answers_exactly_and_reuses_it_next(runtime):
+    """open_session(messages=...) takes a history the caller kept (a bot's own store, an HTTP client's list):
+    its first turn computes the history's KV, the next one reuses it."""
+    source = runtime.open_session("Be brief.")
+    for text in ("one", "two"):
+        source.send(text)
+    history = [{"role": m.role, "content": m.content} for m in source.messages]
+    s = runtime.open_session("Be brief.", messages=history)
+    assert s.turns == 2 and [m.content for m in s.messages] == [m["content"] for m in history]
+    first = s.send("three")
+    assert_exact(s, first, 12)
+    assert first.stats.reused_prefix_tokens > 0 and first.stats.reused_session_tokens == 0
+    second = s.send("four")
+    assert_exact(s, second, 12)
+    assert second.stats.prefilled_tokens < 20
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "assistant", "content": "first"}],
+        [{"role": "user", "content": "no reply yet"}],
+        [{"role": "system", "content": "apart"}, {"role": "user", "content": "a"}],
+        [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}],
+        ["just text"],
+    ],
+)
+def test_a_seed_history_that_is_not_whole_turns_is_a_typed_error(runtime, messages):
+    with pytest.raises(InvalidMessage):
+        runtime.open_session(messages=messages)
+    assert runtime.sessions() == []

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from chatrt.cache.leases import LeaseKeeper
 from chatrt.cache.store import RedisStore, SessionRecord
 from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable
-from chatrt.template import ChatTemplate, Message, check_text
+from chatrt.template import ChatTemplate, Message, check_text, check_turns
 
 Count = Callable[..., None]
 
@@ -120,20 +120,13 @@ class Journal:
     def transcript(self, record: SessionRecord) -> list[Message]:
         """The stored transcript, checked as a turn checks its input (a record written by hand or by another
         version must not break every later turn): text that is text, user and assistant turns in order."""
-        problem = ""
         try:
             if record.system_prompt is not None:
                 check_text(record.system_prompt, "its system prompt")
-            for m in record.messages:
-                check_text(m.content, "a message")
+            check_turns(record.messages, "its messages")
         except InvalidMessage as e:
-            problem = str(e)
-        roles = [m.role for m in record.messages]
-        if not problem and roles != ["user", "assistant"] * (len(roles) // 2):
-            problem = "its messages are not user and assistant turns in order"
-        if problem:
             self.count(rejected=1)
-            raise SessionNotFound(f"session {record.session_id}'s stored transcript cannot be used: {problem}")
+            raise SessionNotFound(f"session {record.session_id}'s stored transcript cannot be used: {e}") from None
         return self.adopt(record)
 
     def adopt(self, record: SessionRecord) -> list[Message]:

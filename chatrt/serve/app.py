@@ -1,0 +1,356 @@
+"""The HTTP face: an OpenAI-compatible FastAPI app over one runtime, with sessions.
+
+Every turn is a request to the runtime's engine, so the requests of many clients share its batches. A client
+names its session (X-Session-Id, or a `session_id` field) and sends only the new message, or sends the whole
+conversation each time and is matched to the session holding it (`stateless.py`). Errors are OpenAI-shaped
+JSON with the status a client can act on, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
+from chatrt.config import ServeConfig
+from chatrt.errors import (
+    ChatrtError,
+    ConfigError,
+    ContextLengthError,
+    InvalidMessage,
+    RuntimeClosed,
+    SessionBusy,
+    SessionClosed,
+    SessionConflict,
+    SessionLeased,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
+from chatrt.serve import wire
+from chatrt.serve.stateless import Conversations
+from chatrt.stats import TurnStats
+from chatrt.template import Message
+
+M = TypeVar("M", bound=BaseModel)
+SESSION_HEADER = "x-session-id"
+
+
+class HTTPError(Exception):
+    """An error answered as OpenAI does: {"error": {message, type, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str, code: str | None = None, *, retry_after: int = 0):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.retry_after = status, message, type, code, retry_after
+
+    def response(self) -> JSONResponse:
+        body = wire.ErrorResponse(error=wire.ErrorBody(message=self.message, type=self.type, code=self.code))
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+
+
+def http_error(e: ChatrtError) -> HTTPError:
+    """The status a client can act on for each of chatrt's errors."""
+    message = str(e)
+    if isinstance(e, ContextLengthError):
+        return HTTPError(400, message, "invalid_request_error", "context_length_exceeded")
+    if isinstance(e, InvalidMessage | ConfigError):
+        return HTTPError(400, message, "invalid_request_error")
+    if isinstance(e, SessionNotFound | SessionClosed):
+        return HTTPError(404, message, "not_found_error", "session_not_found")
+    if isinstance(e, SessionLeased | SessionBusy | SessionConflict):
+        return HTTPError(409, message, "conflict_error", "session_in_use")
+    if isinstance(e, TooManySessions | StoreUnavailable | RuntimeClosed):
+        return HTTPError(503, message, "overloaded_error", retry_after=1)
+    return HTTPError(500, message, "server_error")
+
+
+class Server:
+    """The app's state: the runtime, the admission count, the stateless clients' sessions."""
+
+    def __init__(self, art: AsyncChatRuntime, config: ServeConfig) -> None:
+        self.art, self.config = art, config
+        self.rt = art.sync
+        self.model_id = config.model_name or self.rt.lm.info.name
+        self.limit = self.rt.config.engine.max_batch + config.max_waiting
+        self.in_flight = 0
+        self.conversations = Conversations(config.stateless_sessions)
+
+    # -- requests in -------------------------------------------------------------------------------
+
+    async def parse(self, request: Request, model: type[M]) -> M:
+        """The body as `model`: 413 beyond max_body_bytes (read no further), 400 when it is not valid."""
+        limit = int(self.config.max_body_bytes)
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPError(413, f"the request body is over {limit} bytes", "invalid_request_error")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPError(413, f"the request body is over {limit} bytes", "invalid_request_error")
+        try:
+            return model.model_validate_json(bytes(body))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, err["loc"])) or "body"
+            raise HTTPError(400, f"{where}: {err['msg']}", "invalid_request_error") from None
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key.get_secret_value()
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            message = "a valid API key is required: send Authorization: Bearer <key>"
+            raise HTTPError(401, message, "authentication_error", "invalid_api_key")
+
+    @contextlib.contextmanager
+    def admitted(self) -> Any:
+        """Count a request in, or refuse it with 503 when the engine's batch and queue are full."""
+        if self.in_flight >= self.limit:
+            raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server takes; "
+                            "retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    # -- which session answers -------------------------------------------------------------------
+
+    async def resolve(self, req: wire.ChatRequest, header: str | None) -> tuple[AsyncSession, str, bool]:
+        """The session that answers this request, the user message to send it, and whether it is a stateless
+        client's (given back to the index when the turn ends)."""
+        messages = [_message(m) for m in req.messages]
+        if messages[-1].role != "user":
+            raise HTTPError(400, "the last message must be the user's", "invalid_request_error")
+        session_id = header or req.session_id
+        if session_id is not None:
+            session = await self.art.session(session_id)
+            held = [Message(role=m.role, content=m.content) for m in session.sync.transcript]
+            if len(messages) > 1 and messages[:-1] != held:
+                raise HTTPError(400, f"the messages do not continue session {session_id}: with a session id, send "
+                                "only the new user message", "invalid_request_error")  # fmt: skip
+            return session, messages[-1].content, False
+        system = messages[0].content if messages[0].role == "system" else None
+        history = messages[1:-1] if system is not None else messages[:-1]
+        claimed = self.conversations.claim(system, history)
+        if claimed is not None:
+            with contextlib.suppress(SessionNotFound, SessionClosed):
+                session = await self.art.session(claimed)
+                if not session.sync.closed:
+                    return session, messages[-1].content, True
+        session = await self.art.open_session(system, messages=history)
+        return session, messages[-1].content, True
+
+    async def give_back(self, session: AsyncSession) -> None:
+        """A stateless client's turn ended: its session can be matched again; the oldest beyond capacity close."""
+        sync = session.sync
+        if sync.closed:
+            return
+        for session_id in self.conversations.give_back(sync.id, sync.system_prompt, sync.messages):
+            with contextlib.suppress(ChatrtError):
+                await (await self.art.session(session_id)).close()
+
+    # -- replies out -------------------------------------------------------------------------------
+
+    async def complete(self, req: wire.ChatRequest, header: str | None) -> wire.ChatCompletion:
+        session, text, stateless = await self.resolve(req, header)
+        try:
+            reply = await session.send(text, **req.options())
+        finally:
+            if stateless:
+                await self.give_back(session)
+        return wire.ChatCompletion(
+            id=wire.completion_id(),
+            created=wire.now(),
+            model=self.model_id,
+            choices=[
+                wire.Choice(
+                    message=wire.ReplyMessage(content=reply.text),
+                    finish_reason=wire.finish_reason(reply.stats.finish_reason),
+                )
+            ],
+            usage=usage(reply.stats),
+            session_id=session.id,
+        )
+
+    async def stream(self, req: wire.ChatRequest, header: str | None) -> AsyncIterator[dict[str, str]]:
+        """The reply as SSE events. The turn starts (and a bad request fails with its status) before the
+        response does; a client that disconnects cancels the turn, which keeps what was sent as the reply."""
+        session, text, stateless = await self.resolve(req, header)
+        pieces = session.stream(text, **req.options())
+        try:
+            first = await anext(pieces, None)
+        except BaseException:
+            await pieces.aclose()
+            if stateless:
+                await self.give_back(session)
+            raise
+        cid, created = wire.completion_id(), wire.now()
+
+        def chunk(delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> dict[str, str]:
+            choices = [wire.ChunkChoice(delta=delta, finish_reason=finish)] if use is None else []
+            body = wire.ChatCompletionChunk(id=cid, created=created, model=self.model_id, choices=choices,
+                                            usage=use, session_id=session.id)  # fmt: skip
+            return {"data": body.model_dump_json(exclude_none=use is None)}
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            before = session.last_turn
+            try:
+                yield chunk(wire.Delta(role="assistant", content=""))
+                if first is not None:
+                    yield chunk(wire.Delta(content=first))
+                    async for piece in pieces:
+                        yield chunk(wire.Delta(content=piece))
+                turn = session.last_turn
+                assert turn is not None and turn is not before
+                yield chunk(wire.Delta(), wire.finish_reason(turn.finish_reason))
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield chunk(wire.Delta(), use=usage(turn))
+                yield {"data": "[DONE]"}
+            except ChatrtError as e:  # after the response started: the error is the stream's last event
+                error = http_error(e)
+                body = wire.ErrorResponse(error=wire.ErrorBody(message=error.message, type=error.type, code=error.code))
+                yield {"data": body.model_dump_json()}
+            finally:
+                await pieces.aclose()  # a disconnect lands here: the turn ends and is recorded first
+                if stateless:
+                    await self.give_back(session)
+
+        return events()
+
+
+def usage(turn: TurnStats) -> wire.Usage:
+    cached = turn.reused_session_tokens + turn.reused_prefix_tokens
+    return wire.Usage(
+        prompt_tokens=turn.prompt_tokens,
+        completion_tokens=turn.generated_tokens,
+        total_tokens=turn.prompt_tokens + turn.generated_tokens,
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def _message(m: wire.WireMessage) -> Message:
+    try:
+        text = m.text()
+    except ValueError as e:
+        raise HTTPError(400, str(e), "invalid_request_error") from None
+    return Message(role="system" if m.role == "developer" else m.role, content=text)
+
+
+def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
+    server = Server(art, config)
+    app = FastAPI(title="chatrt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(HTTPError)
+    async def _http(_: Request, e: HTTPError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(ChatrtError)
+    async def _chatrt(_: Request, e: ChatrtError) -> JSONResponse:
+        return http_error(e).response()
+
+    @app.exception_handler(404)
+    async def _missing(request: Request, _: Exception) -> JSONResponse:
+        return HTTPError(404, f"no route {request.method} {request.url.path}", "not_found_error").response()
+
+    @app.exception_handler(405)
+    async def _method(request: Request, _: Exception) -> JSONResponse:
+        return HTTPError(
+            405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
+        ).response()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        store = server.rt.store
+        if store is not None:
+            try:
+                await asyncio.to_thread(store.ping)
+            except StoreUnavailable as e:
+                return HTTPError(503, f"Redis is not reachable: {e}", "overloaded_error", retry_after=1).response()
+        return JSONResponse({"status": "ready", "model": server.model_id, "redis": "off" if store is None else "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return wire.ModelList(data=[wire.ModelCard(id=server.model_id, created=wire.now())]).model_dump()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> dict[str, Any] | EventSourceResponse:
+        server.authorize(request)
+        req = await server.parse(request, wire.ChatRequest)
+        if req.model != server.model_id:
+            message = f"the model {req.model!r} is not served here; it serves {server.model_id!r} (GET /v1/models)"
+            raise HTTPError(404, message, "invalid_request_error", "model_not_found")
+        header = request.headers.get(SESSION_HEADER)
+        if not req.stream:
+            with server.admitted():
+                return (await server.complete(req, header)).model_dump()
+        admission = server.admitted()
+        admission.__enter__()
+        try:
+            events = await server.stream(req, header)
+        except BaseException:
+            admission.__exit__(None, None, None)
+            raise
+
+        async def counted() -> AsyncIterator[dict[str, str]]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                with anyio.CancelScope(shield=True):  # a disconnect cancels this task: the turn is still recorded
+                    await events.aclose()  # type: ignore[attr-defined]
+                admission.__exit__(None, None, None)
+
+        return EventSourceResponse(counted(), ping=15)
+
+    @app.post("/v1/sessions")
+    async def open_session(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        req = await server.parse(request, wire.SessionRequest)
+        session = await art.open_session(req.system_prompt, session_id=req.session_id,
+                                         messages=[_message(m) for m in req.messages])  # fmt: skip
+        return {"session_id": session.id, "object": "session", "turns": session.sync.turns}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        session = await art.session(session_id)
+        return {
+            "session_id": session.id,
+            "object": "session",
+            "system_prompt": session.sync.system_prompt,
+            "messages": [{"role": m.role, "content": m.content} for m in session.sync.messages],
+            "stats": session.stats().model_dump(),
+        }
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        session = await art.session(session_id)  # here, or resumed from Redis to be closed everywhere
+        server.conversations.discard(session_id)
+        await session.close()
+        return {"session_id": session_id, "object": "session.deleted", "deleted": True}
+
+    return app

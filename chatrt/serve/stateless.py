@@ -1,0 +1,60 @@
+"""Session reuse for clients that know nothing of sessions: a plain OpenAI client resends the whole conversation
+each turn. Its history (system prompt, then whole turns) is matched to the idle open session whose transcript is
+exactly that history, so the session's cached ids are a prefix of the new prompt and only the new message is
+prefilled. vLLM and SGLang get there block by block through their prefix caches; here it is the session's own
+KV, exact to the token.
+
+Sessions are indexed by a sha256 of their transcript's roles and texts while idle; a request claims one (so
+two requests never share it), and gives it back, under its new transcript, when its turn ends. Beyond
+`capacity` idle sessions, the least recently used are handed back to be closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+
+from chatrt.template import Message
+
+
+def digest(system_prompt: str | None, messages: list[Message]) -> str:
+    """What identifies a conversation's text (token ids aside: a reply's text is what a client sends back)."""
+    body = json.dumps([system_prompt, [(m.role, m.content) for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class Conversations:
+    def __init__(self, capacity: int) -> None:
+        assert capacity >= 1
+        self.capacity = capacity
+        self._idle: OrderedDict[str, str] = OrderedDict()  # transcript digest → session id, oldest first
+        self._lock = threading.Lock()
+
+    def claim(self, system_prompt: str | None, history: list[Message]) -> str | None:
+        """The id of an idle session holding exactly this history, taken out of the index (None: none does)."""
+        with self._lock:
+            return self._idle.pop(digest(system_prompt, history), None)
+
+    def give_back(self, session_id: str, system_prompt: str | None, messages: list[Message]) -> list[str]:
+        """The session is idle again with this transcript. Returns the ids of sessions pushed out of the index,
+        for the caller to close."""
+        key = digest(system_prompt, messages)
+        with self._lock:
+            self._idle.pop(key, None)  # an identical conversation held by another session: the newer one wins
+            self._idle[key] = session_id
+            evicted = []
+            while len(self._idle) > self.capacity:
+                evicted.append(self._idle.popitem(last=False)[1])
+            return evicted
+
+    def discard(self, session_id: str) -> None:
+        """The session was closed (DELETE): it can no longer be claimed."""
+        with self._lock:
+            for key in [k for k, sid in self._idle.items() if sid == session_id]:
+                del self._idle[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._idle)

@@ -1,0 +1,215 @@
+"""`chatrt serve` as a real subprocess, driven by the official `openai` client: exact replies, sessions by id
+and by matching a stateless client's history, the error statuses, and a client that drops its stream."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from chatrt import ChatRuntime, Config
+from tests.conftest import live_keys, serve
+
+SYSTEM = "You are a helpful assistant. " * 40  # a long history makes cached_tokens the bulk of every prompt
+QUESTIONS = ["Hello there!", "What is the sea?", "And the sky?", "Tell me more.", "Thanks, bye."]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    with serve(tiny_folder) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+    yield c
+    c.close()
+
+
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def python_api_turns(tiny_lm, questions, system=SYSTEM):
+    """The same conversation through the Python API: each reply's text and its turn stats."""
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        s = rt.open_session(system)
+        return [s.send(q) for q in questions]
+
+
+def test_health_readiness_and_the_model_list(server, client):
+    base = server.removesuffix("/v1")
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["status"] == "ready" and ready["redis"] == "off"
+    assert [m.id for m in client.models.list().data] == [ready["model"]]
+    assert "chatrt_prompt_tokens_total" in httpx.get(f"{base}/metrics").text
+
+
+def test_a_stateless_client_gets_exact_replies_and_reuse_from_its_second_turn(client, tiny_lm):
+    """The common case: the client resends the whole conversation; chatrt matches it to the session holding it."""
+    expected = python_api_turns(tiny_lm, QUESTIONS)
+    messages = [{"role": "system", "content": SYSTEM}]
+    sessions = set()
+    for n, (question, want) in enumerate(zip(QUESTIONS, expected, strict=True)):
+        messages.append({"role": "user", "content": question})
+        if n % 2:  # streamed and not, alternately
+            chunks = list(client.chat.completions.create(model=model_id(client), messages=messages, stream=True,
+                                                         stream_options={"include_usage": True}))  # fmt: skip
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+            sessions.add(chunks[0].model_extra["session_id"])
+        else:
+            reply = client.chat.completions.create(model=model_id(client), messages=messages)
+            text, usage = reply.choices[0].message.content, reply.usage
+            sessions.add(reply.model_extra["session_id"])
+        assert text == want.text, f"turn {n}"
+        assert usage.prompt_tokens == want.stats.prompt_tokens and usage.completion_tokens == len(want.token_ids)
+        if n:
+            assert usage.prompt_tokens_details.cached_tokens > 0.9 * usage.prompt_tokens, f"turn {n}: {usage}"
+        messages.append({"role": "assistant", "content": text})
+    assert len(sessions) == 1  # every turn answered by the one session that held the conversation
+
+
+def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
+    expected = python_api_turns(tiny_lm, QUESTIONS[:3], system="Be brief.")
+    session_id = httpx.post(f"{server}/sessions", json={"system_prompt": "Be brief."}).json()["session_id"]
+    for n, (question, want) in enumerate(zip(QUESTIONS[:3], expected, strict=True)):
+        reply = client.chat.completions.create(model=model_id(client), messages=[{"role": "user", "content": question}],
+                                               extra_headers={"X-Session-Id": session_id})  # fmt: skip
+        assert reply.choices[0].message.content == want.text
+        prefilled = reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens
+        assert prefilled == want.stats.prefilled_tokens, f"turn {n}"
+        if n:
+            assert prefilled < 20  # the new message and its markup, not the history
+    held = httpx.get(f"{server}/sessions/{session_id}").json()
+    assert [m["content"] for m in held["messages"][::2]] == QUESTIONS[:3]
+    assert httpx.delete(f"{server}/sessions/{session_id}").json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError, match="session"):
+        client.chat.completions.create(model=model_id(client), messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"session_id": session_id})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ({"model": "MODEL", "messages": []}, 400, "messages"),
+        ({"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "nope"}, 404, "nope"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "a b"}, 400, "session id"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context"),
+        (
+            {"model": "MODEL", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            400,
+            "whole turns",
+        ),
+    ],
+)
+def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, client, body, status, says):
+    if body.get("model") == "MODEL":
+        body["model"] = model_id(client)
+    response = httpx.post(f"{server}/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert says in error["message"] and error["type"] and "Traceback" not in response.text
+    if says == "context":
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_a_consistent_session(server, client):
+    session_id = httpx.post(f"{server}/sessions", json={}).json()["session_id"]
+    body = {"model": model_id(client), "messages": [{"role": "user", "content": "Tell me a long story"}],
+            "stream": True, "max_tokens": 500, "session_id": session_id}  # fmt: skip
+    received = ""
+    with httpx.stream("POST", f"{server}/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                received += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                if len(received) > 20:
+                    break  # the connection is closed here
+    held = httpx.get(f"{server}/sessions/{session_id}").json()
+    for _ in range(100):  # the server notices the disconnect at its next piece
+        if held["messages"]:
+            break
+        threading.Event().wait(0.05)
+        held = httpx.get(f"{server}/sessions/{session_id}").json()
+    roles = [m["role"] for m in held["messages"]]
+    reply = held["messages"][-1]["content"]
+    assert roles == ["user", "assistant"] and reply.startswith(received) and held["stats"]["turns"] == 1
+    # The session goes on from the recorded reply: its KV (cut where the stream was) is reused.
+    got = client.chat.completions.create(model=model_id(client), messages=[{"role": "user", "content": "Go on"}],
+                                         extra_headers={"X-Session-Id": session_id})  # fmt: skip
+    assert got.usage.prompt_tokens_details.cached_tokens > 0
+    held = httpx.get(f"{server}/sessions/{session_id}").json()
+    assert [m["role"] for m in held["messages"]] == ["user", "assistant"] * 2 and held["stats"]["turns"] == 2
+
+
+def test_limits_api_key_body_size_and_overload(tiny_folder):
+    settings = {"SERVE__API_KEY": "sekret", "SERVE__MAX_BODY_BYTES": 2000, "SERVE__MAX_WAITING": 0,
+                "ENGINE__MAX_BATCH": 1}  # fmt: skip
+    with serve(tiny_folder, max_new_tokens=400, **settings) as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        c = openai.OpenAI(base_url=url, api_key="sekret", max_retries=0)
+        model = c.models.list().data[0].id
+        with pytest.raises(openai.APIStatusError) as big:
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x" * 3000}])
+        assert big.value.status_code == 413
+        # One request runs (max_batch 1, no queue): a second one at the same time is refused with Retry-After.
+        first = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "a long one"}],
+                                          stream=True)  # fmt: skip
+        next(iter(first))
+        response = httpx.post(f"{url}/chat/completions", headers={"Authorization": "Bearer sekret"},
+                              json={"model": model, "messages": [{"role": "user", "content": "me too"}]})  # fmt: skip
+        first.close()
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "overloaded_error"
+
+
+def test_delete_frees_every_tier_and_a_session_held_elsewhere_is_409(tiny_folder, tiny_lm, redis_url, redis_client):
+    with serve(tiny_folder, TIERS__REDIS_URL=redis_url, TIERS__DEVICE_BYTES=1, TIERS__HOST_BYTES=1) as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        model = c.models.list().data[0].id
+        sid = httpx.post(f"{url}/sessions", json={"session_id": "served"}).json()["session_id"]
+        c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], extra_body={"session_id": sid}
+        )
+        assert any(b":kv:" in k for k in live_keys(redis_client))  # its cache went down to Redis
+        assert httpx.delete(f"{url}/sessions/{sid}").status_code == 200
+        assert [k for k in live_keys(redis_client) if k.startswith(b"chatrt:{")] == []  # no session key left
+        ready = httpx.get(url.removesuffix("/v1") + "/readyz")
+        assert ready.json().get("redis") == "ok", ready.text
+        # A session another process holds (its lease) is a conflict, not an error of the server's.
+        config = Config().with_values(tiers={"redis_url": redis_url})
+        with ChatRuntime(tiny_lm, config) as other:
+            other.open_session(session_id="elsewhere").send("mine")
+            with pytest.raises(openai.ConflictError, match="in use"):
+                c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                          extra_headers={"X-Session-Id": "elsewhere"})  # fmt: skip
+
+
+def test_the_bundled_model_served_answers_as_the_python_api_does(bundled_runtime):
+    questions = ["What is the capital of France?", "And of Italy?"]
+    session = bundled_runtime.open_session("You are a geography teacher.")
+    expected = [session.send(q) for q in questions]
+    with serve("bundled", max_new_tokens=24) as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        model = c.models.list().data[0].id
+        messages = [{"role": "system", "content": "You are a geography teacher."}]
+        for n, (question, want) in enumerate(zip(questions, expected, strict=True)):
+            messages.append({"role": "user", "content": question})
+            reply = c.chat.completions.create(model=model, messages=messages)
+            assert reply.choices[0].message.content == want.text
+            assert reply.usage.prompt_tokens_details.cached_tokens == (
+                want.stats.reused_session_tokens + (want.stats.reused_prefix_tokens if n else 0)
+            )
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
