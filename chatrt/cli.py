@@ -279,7 +279,7 @@ def _stats(args: argparse.Namespace) -> int:
         print_stats(metrics.parse(_fetch(args.metrics_url)))
         return 0
     if args.redis:
-        print_deployment(_deployment(args.redis))
+        print_deployment(_deployment(args.redis, _config(args).tiers.redis_cluster))
         return 0
     config = _config(args)
     if not config.tiers.device_sessions:  # room for one idle session on the device, so the demo moves caches
@@ -334,8 +334,8 @@ def _fetch(url: str) -> str:
         raise MetricsUnavailable(f"could not read metrics from {url}: {e}; {hint}") from None
 
 
-def _deployment(url: str) -> DeploymentStats:
-    store = RedisStore(url, ttl_s=1, lease_s=1)
+def _deployment(url: str, cluster: bool) -> DeploymentStats:
+    store = RedisStore(url, ttl_s=1, lease_s=1, cluster=cluster)
     try:
         return store.deployment()
     finally:

@@ -82,6 +82,8 @@ class TierConfig(_Section):
     host_sessions: int = Field(0, ge=0)
     redis_url: str = ""
     """Empty: no Redis tier (caches falling off the host tier are dropped and recomputed when needed)."""
+    redis_cluster: bool = False
+    """`redis_url` names a node of a Redis Cluster; the client finds the other nodes and follows the slots."""
     redis_bytes: ByteSize = ByteSize(16 * 2**30)
     """Bytes of KV this process keeps in Redis; transcripts are not counted and stay until their TTL."""
     redis_sessions: int = Field(0, ge=0)
@@ -97,6 +99,10 @@ class TierConfig(_Section):
     lease_s: float = Field(300.0, gt=0)
     """A process holds a session for this long after its last turn (renewed while a turn runs); then another
     process may take it."""
+    redis_write_through: bool = False
+    """After each turn, write the session's KV to Redis with its transcript and let its lease go: any process
+    sharing this Redis can take the next turn at the cost of one restore (a deployment whose router does not
+    keep a session on one process). Costs a serialization and a write of the whole KV per turn."""
 
 
 class EngineConfig(_Section):

@@ -4,6 +4,7 @@ paused and restarted as a real Redis is. Not used by the runtime itself."""
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -27,9 +28,7 @@ class RedisServer:
         if path is None:
             raise StoreUnavailable("redis-server is not installed; install the redis-server package (see the README)")
         self.folder = Path(tempfile.mkdtemp(prefix="chatrt-redis-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = _free_port(cluster="--cluster-enabled" in args)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = [path, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
                      "--save", "", "--appendonly", "no", *args]  # fmt: skip
@@ -78,6 +77,24 @@ class RedisServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _free_port(*, cluster: bool) -> int:
+    """A free loopback port; for a cluster node one whose bus port (10,000 higher) is free too."""
+    if not cluster:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise StoreUnavailable("no free pair of loopback ports for a Redis Cluster node")
+
+
 @contextlib.contextmanager
 def redis_server(*args: str) -> Iterator[str]:
     """A private redis-server for the duration of the block; yields its URL."""
@@ -86,3 +103,33 @@ def redis_server(*args: str) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[str]:
+    """A private Redis Cluster of `masters` redis-servers on loopback ports, joined by `redis-cli --cluster
+    create` (no replicas); yields the URL of its first node (a cluster client finds the others from it)."""
+    servers = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", "2000") for _ in range(masters)]  # fmt: skip
+    try:
+        for server in servers:
+            server.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise StoreUnavailable("redis-cli is not installed; install the redis-tools package (see the README)")
+        nodes = [f"127.0.0.1:{s.port}" for s in servers]
+        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        client = redis.Redis(port=servers[0].port)
+        try:
+            deadline = time.monotonic() + 30
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable("the Redis Cluster did not become ready within 30 s")
+                time.sleep(0.1)
+        finally:
+            client.close()
+        yield f"redis://127.0.0.1:{servers[0].port}/0"
+    finally:
+        for server in servers:
+            server.stop()

@@ -54,6 +54,7 @@ class ChatRuntime:
                 lease_s=tiers.lease_s,
                 timeout_s=tiers.redis_timeout_s,
                 secret=tiers.redis_secret.get_secret_value(),
+                cluster=tiers.redis_cluster,
             )
         self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)

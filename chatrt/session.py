@@ -330,8 +330,12 @@ class Session:
         self._p.recorder.record(stats)
         if self._p.journal is None:
             return
-        try:  # the transcript is written through: it survives this process
-            self._p.journal.save(self.record())
+        try:  # the transcript is written through: it survives this process (and with it the KV, if configured)
+            if self._p.config.tiers.redis_write_through and gen.kv is not None and self._p.config.session.reuse:
+                meta, chunks = self._p.tiers.chunks(gen.kv)
+                self._p.journal.save(self.record(kv=meta), chunks)
+            else:
+                self._p.journal.save(self.record())
         except SessionConflict as e:  # not written over the other process's turn: back to what it stored
             conflict = SessionConflict(str(e), reply=gen.text)
             with contextlib.suppress(SessionClosed):  # closed there: closed here too, the conflict says why
@@ -455,7 +459,8 @@ class Session:
         if self._p.journal is None:
             yield
             return
-        with self._p.journal.lease(self.id, on_retaken=self._resync):
+        keep = not self._p.config.tiers.redis_write_through
+        with self._p.journal.lease(self.id, on_retaken=self._resync, keep=keep):
             yield
 
     def _resync(self) -> None:
@@ -470,6 +475,9 @@ class Session:
             raise SessionClosed(f"session {self.id} was closed by another process; open a new session") from None
         if record is not None:
             self.messages, self.turns = record.messages, record.turns
+            if record.kv is not None:  # the newer cache is the one that process stored; this one's is stale
+                self._p.tiers.drop(self.id)
+                self._p.tiers.adopt(record)
 
     def _release(self) -> None:
         """Drop the KV on every tier of this process and the prefix hold. Caller holds self._lock."""

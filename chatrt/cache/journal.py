@@ -144,10 +144,11 @@ class Journal:
     # -- leases ------------------------------------------------------------------------------------
 
     @contextmanager
-    def lease(self, session_id: str, on_retaken: Callable[[], None]) -> Iterator[None]:
+    def lease(self, session_id: str, on_retaken: Callable[[], None], *, keep: bool = True) -> Iterator[None]:
         """Hold the session's lease for a turn, renewed in the background while the turn runs (a slow consumer
         must not lose the session to another process). `on_retaken` runs when the lease had to be taken anew:
-        another process may have advanced the session meanwhile."""
+        another process may have advanced the session meanwhile. `keep`: hold it for `lease_s` after the turn
+        (the session stays with this process), else let it go when the turn ends."""
         try:
             if not self.store.take_lease(session_id):
                 on_retaken()
@@ -158,6 +159,8 @@ class Journal:
             yield
         finally:
             self.leases.release(session_id)
+            if not keep:
+                self.call(self.store.release_lease, session_id)
 
     def revs(self, session_id: str) -> set[str]:
         with self._lock:

@@ -16,6 +16,8 @@ from typing import TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 from redis.client import Pipeline
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KVMeta
@@ -84,17 +86,34 @@ class _Stored:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, ttl_s: int, lease_s: float, timeout_s: float = 5.0, secret: str = "") -> None:
-        self.url, self.ttl_s, self.lease_s = url, ttl_s, lease_s
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int,
+        lease_s: float,
+        timeout_s: float = 5.0,
+        secret: str = "",
+        cluster: bool = False,
+    ) -> None:
+        """`cluster`: `url` names a node of a Redis Cluster (the client finds the others). Every key of a session
+        (and of a prefix) carries a hash tag, so its transactions and scripts run on one slot."""
+        self.url, self.ttl_s, self.lease_s, self.cluster = url, ttl_s, lease_s, cluster
         self.sealer = Sealer(secret)
         self.owner = uuid.uuid4().hex.encode()
         """The value of every lease this store holds: one token per process (per runtime)."""
         self.up = True
         """False since a call failed, until one succeeds."""
+        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         try:
-            self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            if cluster:  # it connects to learn the cluster's slots: a cluster that cannot be reached is said now
+                self.client: redis.Redis = RedisCluster.from_url(url, **timeouts)  # type: ignore[assignment]
+            else:
+                self.client = redis.Redis.from_url(url, **timeouts)
         except ValueError as e:
             raise StoreUnavailable(f"tiers.redis_url {url!r} is not a Redis URL: {e}") from None
+        except (redis.RedisError, RedisClusterException) as e:
+            raise StoreUnavailable(f"the Redis Cluster at {url} cannot be reached: {e}") from None
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
 
@@ -176,7 +195,7 @@ class RedisStore:
             self._check_holder(sid, now, SessionLeased)
             pipe.multi()
             pipe.delete(session_key(sid, "meta"), session_key(sid, "lease"))
-            pipe.eval(_DELETE_CHUNKS, 1, session_key(sid, "kv:"), 0)
+            pipe.execute_command("EVAL", _DELETE_CHUNKS, 1, session_key(sid, "kv:"), 0)
             pipe.set(session_key(sid, "closed"), b"1", ex=self.ttl_s)
 
         self._fenced(sid, "delete a session", write)
@@ -240,10 +259,9 @@ class RedisStore:
                 with self.client.pipeline(transaction=True) as pipe:
                     try:
                         pipe.watch(*keys)
-                        raw, holder, closed = pipe.mget(keys)
+                        raw, holder, closed = (pipe.get(key) for key in keys)  # read at once while watched
                         result = write(pipe, _Stored(self._trusted(session_id, raw), holder, closed is not None))
-                        if pipe.explicit_transaction:
-                            pipe.execute()
+                        pipe.execute()  # what `write` queued after multi(), if anything
                         return result
                     except redis.WatchError:
                         continue
@@ -258,14 +276,15 @@ class RedisStore:
 
     def _queue_kv(self, pipe: Pipeline, sid: str, meta: KVMeta | None, chunks: list[memoryview] | None) -> None:
         """Queue the writes that leave exactly `meta`'s chunks stored: new ones set, the rest deleted, or with
-        no new chunks, the stored ones given the record's TTL again."""
+        no new chunks, the stored ones given the record's TTL again. (EVAL goes through execute_command: redis-py's
+        cluster pipeline refuses .eval(), and the command routes by its one key, on the session's slot.)"""
         prefix = session_key(sid, "kv:")
         for n, chunk in enumerate(chunks or ()):
             pipe.set(f"{prefix}{n}", chunk, ex=self.ttl_s)
         if chunks is None and meta is not None:
-            pipe.eval(_EXPIRE_CHUNKS, 1, prefix, self.ttl_s)
+            pipe.execute_command("EVAL", _EXPIRE_CHUNKS, 1, prefix, self.ttl_s)
         else:
-            pipe.eval(_DELETE_CHUNKS, 1, prefix, len(chunks or ()))
+            pipe.execute_command("EVAL", _DELETE_CHUNKS, 1, prefix, len(chunks or ()))
 
     def _sealed(self, record: SessionRecord) -> SessionRecord:
         return record.model_copy(update={"sig": self.sealer.digest(_record_bytes(record))})
@@ -325,8 +344,11 @@ class RedisStore:
         )
 
     def _all(self, model: type[M], pattern: str) -> list[M]:
-        keys = list(self.client.scan_iter(match=pattern, count=1000))
-        return [m for raw in (self.client.mget(keys) if keys else []) if (m := _parse(model, raw)) is not None]
+        keys = list(self.client.scan_iter(match=pattern, count=1000))  # every node's, on a cluster
+        if not keys:
+            return []
+        values = self.client.mget_nonatomic(keys) if self.cluster else self.client.mget(keys)  # type: ignore[attr-defined]
+        return [m for raw in values if (m := _parse(model, raw)) is not None]
 
     def ping(self) -> None:
         with self._guard("reach Redis"):
@@ -341,7 +363,7 @@ class RedisStore:
         (redis-py reconnects on the next call, so Redis coming back needs nothing from chatrt)."""
         try:
             yield
-        except redis.RedisError as e:
+        except (redis.RedisError, RedisClusterException) as e:  # the second is not a RedisError
             if self.up:
                 log.warning("Redis at %s is unavailable (%s); serving from memory and transcripts until it is back",
                             self.url, e)  # fmt: skip

@@ -156,7 +156,7 @@ class Tiers:
         if tier == "redis":
             return slot.meta, None
         assert slot.kv is not None
-        return self._chunks(slot.kv)
+        return self.chunks(slot.kv)
 
     def clear(self) -> None:
         with self._lock:
@@ -178,7 +178,7 @@ class Tiers:
         if self.store is None:
             return
         try:
-            self.store.put_prefix(key, *self._chunks(kv))
+            self.store.put_prefix(key, *self.chunks(kv))
             self.count(prefix_spills=1)
         except StoreUnavailable:
             self.count(redis_errors=1)
@@ -306,7 +306,7 @@ class Tiers:
         elif e.tier == "host" and self.store is not None:
             assert e.slot.kv is not None
             try:
-                meta, chunks = self._chunks(e.slot.kv)
+                meta, chunks = self.chunks(e.slot.kv)
                 # Refused when the session is not stored (closed meanwhile) or another process holds it now.
                 if self.store.put_kv(e.session_id, meta, chunks):
                     dst, slot = "redis", Slot(None, meta, meta.nbytes)
@@ -327,7 +327,8 @@ class Tiers:
             self.count(drops=1)
         self._log(e.session_id, e.tier, dst or "dropped")
 
-    def _chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
+    def chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
+        """The KV as Redis stores it: metadata and sealed chunks (serializes and hashes: call outside locks)."""
         return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes, self.sealer)
 
     def _log(self, session_id: str, src: Source, dst: Literal["device", "host", "redis", "dropped"]) -> None:
@@ -361,8 +362,8 @@ class Tiers:
         ]
         ids = tuple(n % info.vocab_size for n in range(tokens))
         kv = KV(ids, tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
-        meta, chunks = self._chunks(kv)
-        key = f"chatrt:probe:{uuid.uuid4().hex}"  # probes of other threads and processes use their own keys
+        meta, chunks = self.chunks(kv)
+        key = f"chatrt:probe:{{{uuid.uuid4().hex}}}"  # their own keys (one cluster slot, by the hash tag)
         keys = [f"{key}:{n}" for n in range(len(chunks))]
         try:
             self.store.client.mset(dict(zip(keys, chunks, strict=True)))

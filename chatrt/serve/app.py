@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -43,6 +45,7 @@ from chatrt.stats import TurnStats
 from chatrt.template import Message
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("chatrt")
 SESSION_HEADER = "x-session-id"
 
 
@@ -183,6 +186,7 @@ class Server:
             ],
             usage=usage(reply.stats),
             session_id=session.id,
+            chatrt=wire.TurnInfo.model_validate(reply.stats.model_dump()),
         )
 
     async def stream(self, req: wire.ChatRequest, header: str | None) -> AsyncIterator[dict[str, str]]:
@@ -262,6 +266,12 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
     async def _chatrt(_: Request, e: ChatrtError) -> JSONResponse:
         return http_error(e).response()
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:  # a bug: logged with its traceback, not sent
+        log.exception("%s %s failed", request.method, request.url.path)
+        return HTTPError(500, f"internal error ({type(e).__name__}); the server log has the details",
+                         "server_error").response()  # fmt: skip
+
     @app.exception_handler(404)
     async def _missing(request: Request, _: Exception) -> JSONResponse:
         return HTTPError(404, f"no route {request.method} {request.url.path}", "not_found_error").response()
@@ -284,7 +294,8 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
                 await asyncio.to_thread(store.ping)
             except StoreUnavailable as e:
                 return HTTPError(503, f"Redis is not reachable: {e}", "overloaded_error", retry_after=1).response()
-        return JSONResponse({"status": "ready", "model": server.model_id, "redis": "off" if store is None else "ok"})
+        redis = "off" if store is None else "ok"
+        return JSONResponse({"status": "ready", "model": server.model_id, "redis": redis, "pid": os.getpid()})
 
     @app.get("/metrics")
     async def metrics() -> Response:

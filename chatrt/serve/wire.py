@@ -108,6 +108,17 @@ class Choice(BaseModel):
     finish_reason: str
 
 
+class TurnInfo(BaseModel):
+    """chatrt: how the turn was answered (the session's TurnStats, in part)."""
+
+    kv_source: str
+    """Where the session's cache came from: device, host, redis, or none (recomputed)."""
+    kv_decision: str
+    reused_session_tokens: int
+    reused_prefix_tokens: int
+    ttft_s: float
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -117,6 +128,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     session_id: str
     """chatrt: the session that answered (send it back as X-Session-Id to continue it)."""
+    chatrt: TurnInfo
 
 
 class Delta(BaseModel):
