@@ -1,4 +1,4 @@
-"""The `chatrt` command: `chat`, `bench`, `stats` and `info`.
+"""The `chatrt` command: `chat`, `serve`, `bench`, `loadtest`, `stats` and `info`.
 
 Each subcommand loads the configured model (or the one named on the command line) and prints for people.
 """
@@ -6,10 +6,15 @@ Each subcommand loads the configured model (or the one named on the command line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
 import statistics
+import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -90,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", _serve, "serve the model over HTTP: OpenAI-compatible chat completions, with sessions")
     serve.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
+    load = command(
+        "loadtest",
+        _loadtest,
+        "simulated users chatting at once over HTTP with chatrt serve (started here unless --url names one), "
+        "then the same workload through the Python API",
+    )
+    load.add_argument("--url", help="a running chatrt serve, e.g. http://127.0.0.1:8000/v1 (HTTP only)")
+    load.add_argument("--users", default="1,4,16", help="concurrent users per run (default: 1,4,16)")
+    load.add_argument("--turns", type=int, default=4, help="turns per user (default: 4)")
+    load.add_argument("--max-tokens", type=int, default=32, help="reply limit per turn (default: 32)")
+    load.add_argument("--out", default="bench-out", help="folder for loadtest.json")
     command("info", _info, "print the model, its fingerprint and the configuration")
     return p
 
@@ -124,6 +140,75 @@ def _serve(args: argparse.Namespace) -> int:
         err.print(f"chatrt serve: {rt.lm.info.name} on http://{cfg.host}:{cfg.port}/v1")
         uvicorn.run(create_app(AsyncChatRuntime(rt), cfg), host=cfg.host, port=cfg.port, log_level="info")
     return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from chatrt import loadtest
+    from chatrt.async_runtime import AsyncChatRuntime
+
+    try:
+        sizes = [int(n) for n in args.users.split(",")]
+    except ValueError:
+        raise ConfigError(f"--users takes user counts such as 1,4,16, not {args.users!r}") from None
+    config = _config(args)
+    results = []
+    if args.url:
+        with console.status(f"{args.users} users over HTTP at {args.url}…"):
+            results += asyncio.run(loadtest.over_http(args.url, sizes, args.turns, args.max_tokens))
+        name = "(remote)"
+    else:
+        with console.status("starting chatrt serve…"), _served(args) as url:
+            console.log(f"{args.users} users over HTTP at {url}")
+            results += asyncio.run(loadtest.over_http(url, sizes, args.turns, args.max_tokens))
+        rt = _runtime_from(config)
+        with rt, console.status(f"{args.users} users through the Python API…"):
+            results += asyncio.run(loadtest.in_process(AsyncChatRuntime(rt), sizes, args.turns, args.max_tokens))
+        name = rt.lm.info.name
+    report = loadtest.LoadReport(model=name, turns_per_user=args.turns, max_tokens=args.max_tokens, results=results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loadtest.json").write_text(report.model_dump_json(indent=2))
+    table = Table(title=f"{name} · {args.turns} turns per user · replies of at most {args.max_tokens} tokens")
+    for col in ("path", "users", "turns", "wall", "tok/s", "TTFT p50", "TTFT p95", "turn mean", "cached"):
+        table.add_column(col, justify="right")
+    for r in results:
+        ms = [f"{x * 1000:.0f} ms" for x in (r.ttft_p50_s, r.ttft_p95_s, r.turn_s_mean)]
+        table.add_row(r.path, str(r.users), str(r.turns), f"{r.wall_s:.1f} s", f"{r.tokens_per_s:.1f}", *ms,
+                      f"{r.cached_share:.1%}")  # fmt: skip
+    console.print(table)
+    console.print(f"report: {out / 'loadtest.json'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _served(args: argparse.Namespace) -> Iterator[str]:
+    """A chatrt serve subprocess with this command's model options, on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "chatrt", "serve", "--port", str(port)]
+    for flag in ("config", "model", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # the model loads first: up to two minutes
+            if proc.poll() is not None:
+                raise ConfigError(f"chatrt serve exited with {proc.returncode}; run it alone to see why")
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise ConfigError("chatrt serve did not answer within two minutes")
+        yield f"{url}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _chat(args: argparse.Namespace) -> int:
