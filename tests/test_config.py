@@ -13,6 +13,19 @@ def test_defaults_and_repo_config_load():
     assert Config() == Config.load(None, env={})
 
 
+def test_the_repo_config_lists_every_key_at_its_default():
+    import tomllib
+
+    text = open("configs/default.toml").read()
+    listed = tomllib.loads(text)
+    for section, model in Config.model_fields.items():
+        fields = model.annotation.model_fields  # type: ignore[union-attr]
+        unset = {k for k, f in fields.items() if f.default is None}  # TOML has no None: named in a comment
+        assert set(listed[section]) == set(fields) - unset, section
+        assert all(f"# {k} =" in text for k in unset), section
+    assert Config.load("configs/default.toml", env={}) == Config()
+
+
 def test_toml_values_and_byte_sizes(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\ndtype = "bfloat16"\n[prefix]\nmax_bytes = "64MiB"\n')
