@@ -126,6 +126,14 @@ class MetricsConfig(_Section):
     """With Redis, how often this process writes its RuntimeStats there for `chatrt stats --redis` (0: never)."""
 
 
+class LogConfig(_Section):
+    turns: bool = False
+    """One JSON line per turn on the `chatrt.turns` logger (to stderr unless the application configured that
+    logger): session id, tokens, the reuse split, TTFT, decode tokens/s, where the KV came from and why."""
+    text: bool = False
+    """Also the user's message and the reply in those lines (off: no conversation text reaches the logs)."""
+
+
 class ServeConfig(_Section):
     """`chatrt serve`: the OpenAI-compatible HTTP server."""
 
@@ -153,6 +161,7 @@ class Config(_Section):
     tiers: TierConfig = TierConfig()
     engine: EngineConfig = EngineConfig()
     metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     serve: ServeConfig = ServeConfig()
 
     @classmethod

@@ -1,16 +1,22 @@
-"""Prometheus metrics of one runtime: tokens by source, TTFT and decode histograms, tiers and cache moves.
+"""Prometheus metrics of one runtime: tokens by source, latency histograms, the engine's queue, tiers and cache
+moves, build info and the process; served at /metrics (and /healthz) on their own port.
 
 Counters and gauges are read from `RuntimeStats` at scrape time, so they can never disagree with `rt.stats()`;
-only the histograms observe each turn as it ends.
+only the histograms observe each turn as it ends. Names follow Prometheus practice (base units, `_total` on
+counters) and vLLM's where they mean the same (prefix-cache queries and hits, in tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -19,7 +25,8 @@ from chatrt.stats import RuntimeStats, TierCounters, TierUsage, TurnStats
 
 PREFIX = "chatrt"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-DECODE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+TURN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 # The TierCounters fields that count moves (restore_s is exported as seconds), with their docstrings as help.
 MOVES = {name: f.description or name for name, f in TierCounters.model_fields.items() if f.annotation is int}
 
@@ -27,36 +34,60 @@ MOVES = {name: f.description or name for name, f in TierCounters.model_fields.it
 class Metrics:
     """One registry per runtime (two runtimes in a process never mix their numbers)."""
 
-    def __init__(self, stats: Callable[[], RuntimeStats]) -> None:
+    def __init__(self, stats: Callable[[], RuntimeStats], build: dict[str, str] | None = None) -> None:
+        """`build`: labels of chatrt_build_info (model, dtype, device); the version is chatrt's own."""
         self.registry = CollectorRegistry()
         self.ttft = Histogram(
             f"{PREFIX}_ttft_seconds", "Time to first token, lookups and restores included", buckets=TTFT_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
-        self.decode = Histogram(
-            f"{PREFIX}_decode_tokens_per_second", "Decode speed of each turn", buckets=DECODE_BUCKETS,
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Time between two tokens of a reply (each token of a turn "
+            "observed at the turn's mean)", buckets=ITL_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.turn = Histogram(
+            f"{PREFIX}_turn_duration_seconds", "A turn from the call to its last token", buckets=TURN_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_StatsCollector(stats))
+        self.registry.register(_StatsCollector(stats, {"version": chatrt_version(), **(build or {})}))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.port: int | None = None
         self._server: WSGIServer | None = None
 
     def observe(self, turn: TurnStats) -> None:
         self.ttft.observe(turn.ttft_s)
-        if turn.decode_tokens_per_s > 0:
-            self.decode.observe(turn.decode_tokens_per_s)
+        if turn.e2e_s > 0:
+            self.turn.observe(turn.e2e_s)
+        steps = turn.generated_tokens - 1  # tokens after the first, each one decode step
+        if steps > 0 and turn.decode_s > 0:
+            gap = turn.decode_s / steps
+            for _ in range(steps):
+                self.itl.observe(gap)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format, as the endpoint serves them."""
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on a daemon thread; returns the port (useful with port 0)."""
+        """Serve /metrics and /healthz (nothing else) on daemon threads; returns the port (useful with port 0)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this port serves /metrics and /healthz\n"]
+
         try:
-            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
         except OSError as e:
             problem = f"metrics: cannot listen on {host}:{port} ({e})"
             raise ConfigError(f"{problem}; change [metrics] port or disable it") from None
+        threading.Thread(target=self._server.serve_forever, name="chatrt-metrics", daemon=True).start()
         self.port = self._server.server_port
         return self.port
 
@@ -67,21 +98,38 @@ class Metrics:
             self._server = None
 
 
+def chatrt_version() -> str:
+    try:
+        return version("chatrt")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 class _StatsCollector(Collector):
-    def __init__(self, stats: Callable[[], RuntimeStats]) -> None:
-        self.stats = stats
+    def __init__(self, stats: Callable[[], RuntimeStats], build: dict[str, str]) -> None:
+        self.stats, self.build = stats, build
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
+        info = InfoMetricFamily(f"{PREFIX}_build", "chatrt's version and the model it serves")
+        info.add_metric([], self.build)
+        yield info
         yield _counter("turns", "Turns answered", s.turns)
         yield _counter("prompt_tokens", "Prompt tokens of all turns (reused + prefilled)", s.prompt_tokens)
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the caches (vLLM's prefix_cache_queries; "
+                       "hit ratio: rate(hits) / rate(queries))", s.prompt_tokens)  # fmt: skip
+        yield _counter("prefix_cache_hits", "Prompt tokens found cached, session or shared prefix (vLLM's "
+                       "prefix_cache_hits)", s.reused_tokens)  # fmt: skip
+        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "Turns in the engine's batch", value=s.requests_running)
+        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "Turns queued for the engine", value=s.requests_waiting)
         reused = CounterMetricFamily(f"{PREFIX}_reused_tokens", "Prompt tokens served from a cache", labels=["source"])
         reused.add_metric(["session"], s.reused_session_tokens)
         reused.add_metric(["prefix"], s.reused_prefix_tokens)
         yield reused
         yield _counter("prefilled_tokens", "Prompt tokens computed", s.prefilled_tokens)
         yield _counter("generated_tokens", "Tokens generated", s.generated_tokens)
-        yield GaugeMetricFamily(f"{PREFIX}_hit_rate", "Reused / prompt tokens since start", value=s.hit_rate)
+        yield GaugeMetricFamily(f"{PREFIX}_hit_rate", "Reused / prompt tokens since the process started (for a "
+                                "window, use the prefix_cache counters)", value=s.hit_rate)  # fmt: skip
         yield GaugeMetricFamily(f"{PREFIX}_sessions_open", "Open sessions", value=s.sessions_open)
         yield _counter("sessions_closed", "Sessions closed", s.sessions_closed)
         yield GaugeMetricFamily(f"{PREFIX}_kv_bytes", "Bytes of session caches in memory", value=s.kv_bytes)
@@ -127,6 +175,8 @@ def parse(text: str) -> RuntimeStats:
     up = samples.get(("redis_up", ()))
     return RuntimeStats(
         redis="off" if up is None else "ok" if up else "down",
+        requests_running=get("requests_running"),
+        requests_waiting=get("requests_waiting"),
         turns=get("turns_total"),
         prompt_tokens=get("prompt_tokens_total"),
         reused_session_tokens=get("reused_tokens_total", "session"),

@@ -6,6 +6,8 @@ This is what bots import; `from_config` loads everything a config names.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import socket
@@ -37,6 +39,7 @@ from chatrt.session import Parts, Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
 from chatrt.template import ChatTemplate, Message, check_text, check_turns
 
+turn_log = logging.getLogger("chatrt.turns")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
@@ -69,7 +72,7 @@ class ChatRuntime:
             max_bytes=self.config.prefix.max_bytes,
             on_evict=self.tiers.spill_prefix,
         )
-        self.metrics = Metrics(self.stats)
+        self.metrics = Metrics(self.stats, {"model": lm.info.name, "dtype": lm.info.dtype, "device": lm.info.device})
         self.recorder = Recorder(on_turn=self._turn_done)
         self._parts = Parts(
             self.config, lm.info, self.template, self.engine, self.tiers, self.prefixes, self.journal, self.recorder,
@@ -169,6 +172,7 @@ class ChatRuntime:
         totals, closed = self.recorder.snapshot()
         sessions = self.sessions()
         counters = self.prefixes.counters
+        running, waiting = self.engine.load
         return RuntimeStats(
             instance=self.instance,
             **totals.model_dump(exclude={"reused_tokens", "hit_rate"}),
@@ -183,6 +187,8 @@ class ChatRuntime:
             tiers=self.tiers.usage(),
             tier_counters=self.tiers.counters.model_copy(),
             redis="off" if self.store is None else "ok" if self.store.up else "down",
+            requests_running=running,
+            requests_waiting=waiting,
         )
 
     def publish_stats(self) -> None:
@@ -217,8 +223,10 @@ class ChatRuntime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _turn_done(self, turn: TurnStats) -> None:
+    def _turn_done(self, turn: TurnStats, user: str, reply: str) -> None:
         self.metrics.observe(turn)
+        if self.config.log.turns:
+            log_turn(turn, user, reply, text=self.config.log.text)
         period = self.config.metrics.publish_s
         if period and time.monotonic() - self._published >= period:
             self.publish_stats()
@@ -235,6 +243,19 @@ class ChatRuntime:
             raise TooManySessions(
                 f"{len(self._sessions)} sessions are open, the configured session.max_sessions; close some first"
             )
+
+
+def log_turn(turn: TurnStats, user: str, reply: str, *, text: bool) -> None:
+    """One JSON line for the turn on the `chatrt.turns` logger; stderr when the application set up none."""
+    if not turn_log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        turn_log.addHandler(handler)
+    turn_log.setLevel(logging.INFO)
+    line = {"event": "turn", **turn.model_dump()}
+    if text:
+        line |= {"user": user, "reply": reply}
+    turn_log.info(json.dumps(line, ensure_ascii=False))
 
 
 def _message(m: object) -> Message:

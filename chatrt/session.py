@@ -310,6 +310,7 @@ class Session:
         prefilled = len(turn.prompt) - start.session_tokens - start.prefix_tokens
         self._p.tiers.cost.observe("prefill", prefilled, gen.prefill_s + start.prefix_s)
         stats = TurnStats(
+            session_id=self.id,
             prompt_tokens=len(turn.prompt),
             reused_session_tokens=start.session_tokens,
             reused_prefix_tokens=start.prefix_tokens,
@@ -319,6 +320,7 @@ class Session:
             prefill_s=gen.prefill_s + start.prefix_s,
             decode_s=gen.decode_s,
             decode_tokens_per_s=gen.decode_tokens_per_s,
+            e2e_s=gen.ended_at - gen.started if gen.ended_at else 0.0,
             finish_reason=gen.finish_reason,
             kv_source=taken.source,
             restore_s=taken.restore_s,
@@ -327,7 +329,7 @@ class Session:
         )
         self.last_turn = stats
         self.totals.add(stats)
-        self._p.recorder.record(stats)
+        self._p.recorder.record(stats, turn.user.content, reply.content)
         if self._p.journal is None:
             return
         try:  # the transcript is written through: it survives this process (and with it the KV, if configured)

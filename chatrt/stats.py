@@ -32,6 +32,7 @@ class TokenCounts(BaseModel):
 
 
 class TurnStats(TokenCounts):
+    session_id: str = ""
     ttft_s: float
     """From the call to the first generated token, every lookup, restore and prefill included."""
     kv_source: str = "none"
@@ -43,6 +44,8 @@ class TurnStats(TokenCounts):
     prefill_s: float
     decode_s: float
     decode_tokens_per_s: float
+    e2e_s: float = 0.0
+    """From the call to the reply's end (the last token generated; recording it not included)."""
     finish_reason: str
     dropped_turns: int = 0
     """The oldest turns dropped from the transcript to fit this one (session.overflow = "drop_oldest")."""
@@ -117,6 +120,10 @@ class RuntimeStats(TokenTotals):
     tier_counters: TierCounters
     redis: str = "off"
     """off (none configured), ok, or down (the last call failed; caches and transcripts stay in memory)."""
+    requests_running: int = 0
+    """Turns in the engine's batch now."""
+    requests_waiting: int = 0
+    """Turns queued for the engine (the batch is full, or their KV does not fit the device yet)."""
 
 
 class DeploymentStats(BaseModel):
@@ -140,16 +147,17 @@ class DeploymentStats(BaseModel):
 class Recorder:
     """Runtime-wide totals, safe to update from many threads."""
 
-    def __init__(self, on_turn: Callable[[TurnStats], None] = lambda _: None) -> None:
+    def __init__(self, on_turn: Callable[[TurnStats, str, str], None] = lambda *_: None) -> None:
+        """`on_turn(stats, user message, reply)` after each turn."""
         self.totals = TokenTotals()
         self.sessions_closed = 0
         self.on_turn = on_turn
         self._lock = threading.Lock()
 
-    def record(self, t: TurnStats) -> None:
+    def record(self, t: TurnStats, user: str = "", reply: str = "") -> None:
         with self._lock:
             self.totals.add(t)
-        self.on_turn(t)
+        self.on_turn(t, user, reply)
 
     def closed(self) -> None:
         with self._lock:

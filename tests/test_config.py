@@ -1,5 +1,7 @@
 """Config comes from TOML and CHATRT_* variables; mistakes are errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from chatrt.config import Config
@@ -16,7 +18,7 @@ def test_defaults_and_repo_config_load():
 def test_the_repo_config_lists_every_key_at_its_default():
     import tomllib
 
-    text = open("configs/default.toml").read()
+    text = Path("configs/default.toml").read_text()
     listed = tomllib.loads(text)
     for section, model in Config.model_fields.items():
         fields = model.annotation.model_fields  # type: ignore[union-attr]

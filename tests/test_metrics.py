@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -49,7 +53,8 @@ def test_the_endpoint_serves_what_stats_says(served):
     assert m[("chatrt_hit_rate", ())] == pytest.approx(stats.hit_rate)
     assert m[("chatrt_ttft_seconds_count", ())] == 4
     assert m[("chatrt_ttft_seconds_sum", ())] > 0
-    assert m[("chatrt_decode_tokens_per_second_count", ())] == 4
+    assert m[("chatrt_turn_duration_seconds_count", ())] == 4
+    assert m[("chatrt_inter_token_latency_seconds_count", ())] == stats.generated_tokens - 4  # all but the first
     for tier, usage in stats.tiers.items():
         assert m[("chatrt_tier_bytes", (("tier", tier),))] == usage.bytes
         assert m[("chatrt_tier_sessions", (("tier", tier),))] == usage.sessions
@@ -141,3 +146,88 @@ def test_chatrt_stats_says_what_is_wrong_with_an_endpoint(capsys):
         port = s.getsockname()[1]
     assert main(["stats", "--metrics-url", f"http://127.0.0.1:{port}/metrics"]) == 2
     assert "[metrics] enabled" in capsys.readouterr().err
+
+
+def test_operators_get_token_counters_latency_histograms_queue_build_and_process(served, tiny_lm):
+    s = served.open_session(system_prompt="Be brief.")
+    s.send("Hello")
+    s.send("More")
+    stats = served.stats()
+    m = scrape(served.metrics.port)
+    assert m[("chatrt_prefix_cache_queries_total", ())] == stats.prompt_tokens
+    assert m[("chatrt_prefix_cache_hits_total", ())] == stats.reused_tokens > 0
+    assert m[("chatrt_requests_running", ())] == 0 and m[("chatrt_requests_waiting", ())] == 0
+    assert m[("chatrt_turn_duration_seconds_count", ())] == 2
+    info = tiny_lm.info
+    (labels,) = [dict(labels) for name, labels in m if name == "chatrt_build_info"]
+    assert labels == {"version": metrics.chatrt_version(), "model": info.name, "dtype": info.dtype,
+                      "device": info.device}  # fmt: skip
+    assert m[("process_resident_memory_bytes", ())] > 0
+
+
+def test_the_metrics_port_answers_healthz_and_nothing_else(served):
+    base = f"http://127.0.0.1:{served.metrics.port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+        assert response.status == 200 and response.read() == b"ok\n"
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{base}/anything", timeout=10)
+    assert missing.value.code == 404
+
+
+def test_the_engine_queue_is_exported_while_turns_run(tiny_lm):
+    config = Config().with_values(generation={"max_new_tokens": 200}, engine={"max_batch": 1})
+    with ChatRuntime(tiny_lm, config) as rt:
+        streams = [rt.open_session().stream("a long story") for _ in range(3)]
+        for stream in streams[:1]:
+            next(stream)
+        started = [threading.Thread(target=lambda st=st: next(st, None)) for st in streams[1:]]
+        for t in started:
+            t.start()
+        deadline = time.monotonic() + 30
+        while rt.stats().requests_waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = rt.stats()
+        assert (stats.requests_running, stats.requests_waiting) == (1, 2)
+        m = dict(
+            (s.name, s.value)
+            for f in text_string_to_metric_families(rt.metrics.exposition().decode())
+            for s in f.samples
+        )
+        assert m["chatrt_requests_running"] == 1 and m["chatrt_requests_waiting"] == 2
+        streams[0].close()
+        for t in started:
+            t.join()
+        for stream in streams[1:]:
+            stream.close()
+
+
+def test_turns_are_logged_as_json_lines_without_text_unless_asked(tiny_lm, caplog):
+    config = Config().with_values(generation={"max_new_tokens": 6}, log={"turns": True})
+    with ChatRuntime(tiny_lm, config) as rt, caplog.at_level("INFO", logger="chatrt.turns"):
+        s = rt.open_session(session_id="logged")
+        s.send("a secret message")
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "chatrt.turns"]
+    assert line["event"] == "turn" and line["session_id"] == "logged"
+    assert line["prompt_tokens"] == s.last_turn.prompt_tokens and line["kv_source"] == "none"
+    assert "secret" not in json.dumps(line)
+    caplog.clear()
+    config = config.with_values(log={"turns": True, "text": True})
+    with ChatRuntime(tiny_lm, config) as rt, caplog.at_level("INFO", logger="chatrt.turns"):
+        reply = rt.open_session().send("a secret message")
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "chatrt.turns"]
+    assert line["user"] == "a secret message" and line["reply"] == reply.text
+
+
+def test_every_query_of_the_grafana_dashboard_names_a_metric_the_runtime_exports(tiny_lm, redis_url, redis_client):
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(Path("docs/grafana/chatrt.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for e in exprs for m in re.findall(r"\b((?:chatrt|process)_[a-z_]+)\b", e)}
+    config = Config().with_values(generation={"max_new_tokens": 4}, tiers={"redis_url": redis_url})
+    with ChatRuntime(tiny_lm, config) as rt:
+        rt.open_session().send("Hi")
+        exported = {s.name for f in text_string_to_metric_families(rt.metrics.exposition().decode()) for s in f.samples}
+    assert len(exprs) >= 10 and named
+    assert named <= exported, f"not exported: {sorted(named - exported)}"

@@ -145,6 +145,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    ended_at: float = 0.0
     prompt_len: int = 0
     marks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     """(characters handed out, reply tokens that spell them) after each piece: where a stopped reply can be cut."""
@@ -218,7 +219,8 @@ class Generation:
         if self._stream is not None:
             rest = self._stream.finish() if reason != "cancelled" else ""
             self.text = self._stream.text if reason != "cancelled" else self._stream.text[: self._stream.emitted]
-        self.decode_s = time.perf_counter() - self._t0 - self.prefill_s if self._t0 else 0.0
+        self.ended_at = time.perf_counter()
+        self.decode_s = self.ended_at - self._t0 - self.prefill_s if self._t0 else 0.0
         cache = self.cache  # kept only when every layer holds exactly `fed` (not when a step never ran or failed)
         if (
             cache is not None
