@@ -3,7 +3,9 @@
 Bots import ChatRuntime; everything else is reachable from it.
 """
 
-from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
+import importlib
+from typing import TYPE_CHECKING
+
 from chatrt.config import Config
 from chatrt.errors import (
     CacheRejected,
@@ -24,10 +26,36 @@ from chatrt.errors import (
     TemplateError,
     TooManySessions,
 )
-from chatrt.runtime import ChatRuntime
-from chatrt.session import Reply, Session
-from chatrt.stats import RuntimeStats, SessionStats, TurnStats
-from chatrt.template import Message
+
+# The runtime's names load torch and transformers: they are imported on first use, so `chatrt stats` and other
+# light commands start in a fraction of a second.
+_LAZY = {
+    "AsyncChatRuntime": "chatrt.async_runtime",
+    "AsyncSession": "chatrt.async_runtime",
+    "ChatRuntime": "chatrt.runtime",
+    "LoadedModel": "chatrt.model",
+    "Message": "chatrt.template",
+    "Reply": "chatrt.session",
+    "RuntimeStats": "chatrt.stats",
+    "Session": "chatrt.session",
+    "SessionStats": "chatrt.stats",
+    "TurnStats": "chatrt.stats",
+}
+
+if TYPE_CHECKING:
+    from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
+    from chatrt.model import LoadedModel
+    from chatrt.runtime import ChatRuntime
+    from chatrt.session import Reply, Session
+    from chatrt.stats import RuntimeStats, SessionStats, TurnStats
+    from chatrt.template import Message
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'chatrt' has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncChatRuntime",
@@ -40,6 +68,7 @@ __all__ = [
     "ConfigError",
     "ContextLengthError",
     "InvalidMessage",
+    "LoadedModel",
     "Message",
     "MetricsUnavailable",
     "ModelLoadError",

@@ -16,20 +16,22 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers.utils import logging as hf_logging
 
-from chatrt import bench, bench_concurrent, bench_plot, metrics
-from chatrt.cache.store import RedisStore
+from chatrt import bench_workload, metrics
 from chatrt.config import Config
 from chatrt.errors import ChatrtError, ConfigError, MetricsUnavailable
-from chatrt.runtime import ChatRuntime
 from chatrt.stats import DeploymentStats, RuntimeStats
+
+if TYPE_CHECKING:
+    from chatrt import bench
+    from chatrt.runtime import ChatRuntime
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
@@ -37,7 +39,6 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    hf_logging.disable_progress_bar()  # chatrt shows its own progress
     try:
         return args.func(args)
     except ChatrtError as e:
@@ -66,11 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     b = command("bench", _bench, "run the multi-session workload in several reuse modes and report")
     b.add_argument("--preset", default="default", help="configs/bench/<NAME>.toml or a .toml file (default: default)")
-    for field, info in bench.Workload.model_fields.items():
+    for field, info in bench_workload.Workload.model_fields.items():
         if info.annotation is int:  # the preset's value unless given
             b.add_argument(f"--{field.replace('_', '-')}", type=int, help=info.description)
     b.add_argument("--interleave", action=argparse.BooleanOptionalAction, help="interleave the sessions' turns")
-    b.add_argument("--modes", help=f"comma-separated, of: {', '.join(bench.MODES)}")
+    b.add_argument("--modes", help=f"comma-separated, of: {', '.join(bench_workload.MODES)}")
     b.add_argument(
         "--restore-tokens",
         type=int,
@@ -116,11 +117,20 @@ def _config(args: argparse.Namespace) -> Config:
     return config.with_values(model=model) if model else config
 
 
+def _quiet_hub() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # chatrt shows its own progress
+
+
 def _runtime(args: argparse.Namespace) -> ChatRuntime:
     return _runtime_from(_config(args))
 
 
 def _runtime_from(config: Config) -> ChatRuntime:
+    from chatrt.runtime import ChatRuntime  # the model stack is imported by the commands that load a model
+
+    _quiet_hub()
     with console.status("loading the model…") as status:
         return ChatRuntime.from_config(config, progress=lambda msg: status.update(msg))
 
@@ -217,6 +227,9 @@ def _chat(args: argparse.Namespace) -> int:
     import tui  # the UI's imports are only paid for when it runs
 
     config = _config(args)  # a bad config is reported here, before the screen is taken over
+    from chatrt.runtime import ChatRuntime
+
+    _quiet_hub()
     tui.run(lambda progress: ChatRuntime.from_config(config, progress), system_prompt=args.system)
     return 0
 
@@ -257,7 +270,9 @@ def _plain_chat(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.concurrent:
         return _bench_concurrent(args)
-    preset = bench.load_preset(args.preset)
+    from chatrt import bench, bench_plot
+
+    preset = bench_workload.load_preset(args.preset)
     given = {f: getattr(args, f) for f in bench.Workload.model_fields if getattr(args, f, None) is not None}
     if args.modes:
         given["modes"] = tuple(m.strip() for m in args.modes.split(","))
@@ -294,6 +309,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_concurrent(args: argparse.Namespace) -> int:
+    from chatrt import bench_concurrent
+
     try:
         sizes = [int(n) for n in args.concurrent.split(",")]
     except ValueError:
@@ -361,7 +378,8 @@ def _bench_table(report: bench.Report) -> Table:
 
 def _stats(args: argparse.Namespace) -> int:
     if args.metrics_url:
-        print_stats(metrics.parse(_fetch(args.metrics_url)))
+        text = _fetch(args.metrics_url)
+        print_stats(metrics.parse(text), latency=_latency(text))
         return 0
     if args.redis:
         print_deployment(_deployment(args.redis, _config(args).tiers.redis_cluster))
@@ -369,6 +387,9 @@ def _stats(args: argparse.Namespace) -> int:
     config = _config(args)
     if not config.tiers.device_sessions:  # room for one idle session on the device, so the demo moves caches
         config = config.with_values(tiers={"device_sessions": 1})
+    from chatrt.runtime import ChatRuntime
+
+    _quiet_hub()
     with console.status("loading the model…") as status, ChatRuntime.from_config(config, status.update) as rt:
         sessions = [rt.open_session(system_prompt="You are a concise assistant.") for _ in range(3)]
         for question in ("What is a cache?", "Why does it help?"):
@@ -378,8 +399,19 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_stats(stats: RuntimeStats) -> None:
+def _latency(text: str) -> dict[str, str]:
+    """TTFT and inter-token latency percentiles from the scrape's histograms."""
+    rows = {}
+    for label, name in (("TTFT", "chatrt_ttft_seconds"), ("inter-token latency", "chatrt_inter_token_latency_seconds")):
+        if q := metrics.quantiles(text, name, (0.5, 0.95, 0.99)):
+            rows[label] = " · ".join(f"p{round(k * 100)} {v * 1000:,.0f} ms" for k, v in q.items())
+    return rows
+
+
+def print_stats(stats: RuntimeStats, latency: dict[str, str] | None = None) -> None:
     table = Table(title="chatrt runtime", show_header=False)
+    for key, value in (latency or {}).items():
+        table.add_row(key, value)
     for key, value in stats.model_dump(exclude={"tiers", "tier_counters"}).items():
         table.add_row(key.replace("_", " "), _shown(key, value))
     for tier, usage in stats.tiers.items():
@@ -420,6 +452,8 @@ def _fetch(url: str) -> str:
 
 
 def _deployment(url: str, cluster: bool) -> DeploymentStats:
+    from chatrt.cache.store import RedisStore
+
     store = RedisStore(url, ttl_s=1, lease_s=1, cluster=cluster)
     try:
         return store.deployment()

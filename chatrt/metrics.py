@@ -160,6 +160,32 @@ def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{PREFIX}_{name}", help, value=value)
 
 
+def quantiles(text: str, histogram: str, qs: Iterable[float]) -> dict[float, float]:
+    """Quantiles of a histogram in a scrape, estimated as Prometheus' histogram_quantile does (linear within the
+    bucket the rank falls in). Empty when it has no observations."""
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == f"{histogram}_bucket"
+    )
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    out = {}
+    for q in qs:
+        rank, lower, below = q * total, 0.0, 0.0
+        for upper, count in buckets:
+            if count >= rank:
+                if upper == float("inf"):  # beyond the last finite bound: that bound is the best estimate
+                    out[q] = lower
+                else:
+                    out[q] = lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+                break
+            lower, below = upper, count
+    return out
+
+
 def parse(text: str) -> RuntimeStats:
     """RuntimeStats back from a scrape of the endpoint (what `chatrt stats --metrics-url` prints)."""
     samples = {

@@ -2,7 +2,7 @@
 
 import pytest
 
-from chatrt import ConfigError, bench, bench_concurrent
+from chatrt import ConfigError, bench, bench_concurrent, bench_workload
 from chatrt.bench_plot import ttft_by_turn
 from chatrt.config import Config
 
@@ -90,7 +90,7 @@ def test_workload_is_reproducible_from_its_seed():
 
 
 def test_presets_load_by_name_and_a_bad_one_says_which_exist(tmp_path):
-    default = bench.load_preset("default")
+    default = bench_workload.load_preset("default")
     assert (
         default.name == "default"
         and default.modes == tuple(bench.MODES)
@@ -98,13 +98,13 @@ def test_presets_load_by_name_and_a_bad_one_says_which_exist(tmp_path):
     )
     # the default preset replies as a runtime with the default config does
     assert default.max_new_tokens == Config().generation.max_new_tokens
-    assert bench.load_preset("long").turns == 14
+    assert bench_workload.load_preset("long").turns == 14
     with pytest.raises(ConfigError, match="default, long, quick"):
-        bench.load_preset("nope")
+        bench_workload.load_preset("nope")
     bad = tmp_path / "bad.toml"
     bad.write_text("sesions = 3\n")
     with pytest.raises(ConfigError, match="sesions"):
-        bench.load_preset(str(bad))
+        bench_workload.load_preset(str(bad))
 
 
 def test_the_concurrent_bench_batches_sessions_and_reports_the_gain(tiny_lm):

@@ -129,7 +129,7 @@ def test_chatrt_stats_reads_a_running_runtime_and_a_deployment(
     served.open_session().send("Hello")
     assert main(["stats", "--metrics-url", f"http://127.0.0.1:{served.metrics.port}/metrics"]) == 0
     out = capsys.readouterr().out
-    assert "hit rate" in out and "device tier" in out and "demotions" in out
+    assert "hit rate" in out and "device tier" in out and "demotions" in out and "TTFT" in out and "p95" in out
     config = Config().with_values(generation={"max_new_tokens": 4}, tiers={"redis_url": redis_url})
     with ChatRuntime(tiny_lm, config) as rt:
         rt.open_session().send("Hi")
@@ -231,3 +231,33 @@ def test_every_query_of_the_grafana_dashboard_names_a_metric_the_runtime_exports
         exported = {s.name for f in text_string_to_metric_families(rt.metrics.exposition().decode()) for s in f.samples}
     assert len(exprs) >= 10 and named
     assert named <= exported, f"not exported: {sorted(named - exported)}"
+
+
+def test_quantiles_are_estimated_from_the_buckets_as_prometheus_does():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    h = Histogram("x_seconds", "x", buckets=(0.1, 0.2, 0.4), registry=registry)
+    for v in [0.05] * 50 + [0.15] * 40 + [0.3] * 10:
+        h.observe(v)
+    q = metrics.quantiles(generate_latest(registry).decode(), "x_seconds", (0.5, 0.9, 0.95))
+    assert q[0.5] == pytest.approx(0.1)  # rank 50 is the top of the first bucket
+    assert q[0.9] == pytest.approx(0.2)
+    assert q[0.95] == pytest.approx(0.3)  # halfway into (0.2, 0.4]
+    assert metrics.quantiles("", "x_seconds", (0.5,)) == {}
+
+
+def test_chatrt_stats_on_an_endpoint_loads_no_model_stack(served):
+    """It answers in well under a second because it never imports torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from chatrt.cli import main; "
+        f"rc = main(['stats', '--metrics-url', 'http://127.0.0.1:{served.metrics.port}/metrics']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'textual', 'matplotlib') if m in sys.modules)); "
+        "raise SystemExit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("[]")

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from chatrt import ChatRuntime, Config, bench
+from chatrt import ChatRuntime, Config, bench, bench_workload
 from chatrt.cache.kv import common_prefix_len
 from chatrt.errors import (
     ConfigError,
@@ -284,7 +284,7 @@ def test_bundled_model_replies_are_exact_with_session_and_prefix_reuse(bundled_r
 
 @pytest.mark.bundled
 def test_bundled_model_with_a_repetition_penalty_is_exact_and_changes_the_reply(bundled_runtime):
-    system, users = bench.conversations(bench.load_preset("default"))
+    system, users = bench.conversations(bench_workload.load_preset("default"))
     s = bundled_runtime.open_session(system_prompt=system)
     for question in users[1][:2]:  # plain greedy decoding answers the second one in a loop
         reply = s.send(question, max_new_tokens=40, repetition_penalty=1.1)
