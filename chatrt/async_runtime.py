@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
-from chatrt.config import Config, GenerationConfig
+from typing_extensions import Unpack
+
+from chatrt.config import Config, GenerationConfig, TurnOptions
 from chatrt.model import Progress
 from chatrt.runtime import ChatRuntime
 from chatrt.session import Plan, Reply, Session
@@ -54,24 +56,24 @@ class AsyncSession(_Closing):
     def tier(self) -> str:
         return self.sync.tier
 
-    async def send(self, text: str, **options: Any) -> Reply:
+    async def send(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         return await self._complete(self.stream(text, **options))
 
-    async def regenerate(self, **options: Any) -> Reply:
+    async def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
         return await self._complete(self.stream_regenerate(**options))
 
-    async def edit(self, text: str, **options: Any) -> Reply:
+    async def edit(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         return await self._complete(self.stream_edit(text, **options))
 
-    def stream(self, text: str, **options: Any) -> AsyncIterator[str]:
+    def stream(self, text: str, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
         """Pieces of the reply as they are generated. Leaving the loop early (break, or the task cancelled)
         stops generation: the text so far is the reply, as with `Session.stream`."""
         return _stream(self.sync, lambda: self.sync._send_plan(text, options))
 
-    def stream_regenerate(self, **options: Any) -> AsyncIterator[str]:
+    def stream_regenerate(self, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
         return _stream(self.sync, lambda: self.sync._regenerate_plan(options))
 
-    def stream_edit(self, text: str, **options: Any) -> AsyncIterator[str]:
+    def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
         return _stream(self.sync, lambda: self.sync._edit_plan(text, options))
 
     async def _complete(self, pieces: AsyncIterator[str]) -> Reply:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import socket
 import statistics
@@ -135,7 +136,17 @@ def _runtime_from(config: Config) -> ChatRuntime:
         return ChatRuntime.from_config(config, progress=lambda msg: status.update(msg))
 
 
+def _needs(extra: str, *modules: str) -> None:
+    """A face's optional install is there, or a ConfigError that says which extra to install."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"this command needs {module}, an optional part: pip install 'chatrt[{extra}]'") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _needs("serve", "fastapi", "uvicorn", "sse_starlette")
     import uvicorn  # the server's imports are only paid for when it runs
 
     from chatrt.async_runtime import AsyncChatRuntime
@@ -153,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
+    _needs("serve", "httpx", "fastapi")
     import asyncio
 
     from chatrt import loadtest
@@ -224,6 +236,7 @@ def _served(args: argparse.Namespace) -> Iterator[str]:
 def _chat(args: argparse.Namespace) -> int:
     if args.plain or not sys.stdin.isatty():
         return _plain_chat(args)
+    _needs("tui", "textual")
     import tui  # the UI's imports are only paid for when it runs
 
     config = _config(args)  # a bad config is reported here, before the screen is taken over
@@ -270,6 +283,7 @@ def _plain_chat(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.concurrent:
         return _bench_concurrent(args)
+    _needs("bench", "matplotlib", "redis")
     from chatrt import bench, bench_plot
 
     preset = bench_workload.load_preset(args.preset)
@@ -452,6 +466,7 @@ def _fetch(url: str) -> str:
 
 
 def _deployment(url: str, cluster: bool) -> DeploymentStats:
+    _needs("redis", "redis")
     from chatrt.cache.store import RedisStore
 
     store = RedisStore(url, ttl_s=1, lease_s=1, cluster=cluster)

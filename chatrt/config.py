@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
 
@@ -50,6 +51,31 @@ class GenerationConfig(_Section):
     a negative seed is refused rather than silently wrapped (llama.cpp's -1 means "random": use None)."""
     stop: tuple[str, ...] = ()
     """Strings that end a reply; the reply is cut before them."""
+
+
+class TurnOptions(TypedDict, total=False):
+    """The keyword options of a turn (`send`, `stream`, `regenerate`, `edit`): GenerationConfig's fields, typed
+    for IDE completion. Each overrides the config's [generation] default for this turn only."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+    stop: Sequence[str]
+
+
+# Names other APIs use for these options, and chatrt's.
+OTHER_NAMES = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "max_length": "max_new_tokens",
+    "n_predict": "max_new_tokens",
+    "stop_sequences": "stop",
+    "repeat_penalty": "repetition_penalty",
+    "random_seed": "seed",
+}
 
 
 class PrefixConfig(_Section):

@@ -16,17 +16,21 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from chatrt.cache.journal import Journal
+if TYPE_CHECKING:
+    from chatrt.cache.journal import Journal
+    from chatrt.cache.store import RedisStore
+
 from chatrt.cache.prefix import PrefixStore
-from chatrt.cache.store import RedisStore
 from chatrt.cache.tiers import Tiers
 from chatrt.config import Config
 from chatrt.engine import Engine
 from chatrt.errors import (
     ChatrtError,
+    ConfigError,
     InvalidMessage,
     SessionClosed,
     SessionNotFound,
@@ -51,6 +55,12 @@ class ChatRuntime:
         tiers = self.config.tiers
         self.store: RedisStore | None = None
         if tiers.redis_url:
+            try:
+                from chatrt.cache.store import RedisStore  # the Redis client is an optional install
+            except ImportError:
+                raise ConfigError("tiers.redis_url is set, but the Redis client is not installed: "
+                                  "pip install 'chatrt[redis]'") from None  # fmt: skip
+
             self.store = RedisStore(
                 tiers.redis_url,
                 ttl_s=tiers.redis_ttl_s,
@@ -61,11 +71,11 @@ class ChatRuntime:
             )
         self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
-        self.journal = (
-            Journal(self.store, self.template, lm.info.fingerprint, self.tiers.count)
-            if self.store is not None
-            else None
-        )
+        self.journal: Journal | None = None
+        if self.store is not None:
+            from chatrt.cache.journal import Journal
+
+            self.journal = Journal(self.store, self.template, lm.info.fingerprint, self.tiers.count)
         self.prefixes = PrefixStore(
             lm.info.fingerprint,
             max_entries=self.config.prefix.max_entries,

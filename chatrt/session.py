@@ -11,17 +11,17 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+from typing_extensions import Unpack
 
-from chatrt.cache.journal import Journal
 from chatrt.cache.kv import KV, KVMeta
 from chatrt.cache.prefix import PrefixEntry, PrefixStore
+from chatrt.cache.record import SessionRecord
 from chatrt.cache.reuse import Reuse, reuse
-from chatrt.cache.store import SessionRecord
 from chatrt.cache.tiers import Checkout, Tiers
-from chatrt.config import Config, GenerationConfig
+from chatrt.config import OTHER_NAMES, Config, GenerationConfig, TurnOptions
 from chatrt.engine import Engine, Generation, Request
 from chatrt.errors import (
     CloseIncomplete,
@@ -37,6 +37,9 @@ from chatrt.errors import (
 from chatrt.model import LoadedModel, ModelInfo
 from chatrt.stats import Recorder, SessionStats, TokenTotals, TurnStats
 from chatrt.template import ChatTemplate, Message, check_text
+
+if TYPE_CHECKING:
+    from chatrt.cache.journal import Journal
 
 # A turn's plan: from the current history, the history to keep and the user message to answer.
 Plan = Callable[[list[Message]], tuple[list[Message], Message]]
@@ -145,27 +148,27 @@ class Session:
             kv=kv or self._p.tiers.kv_meta(self.id),
         )
 
-    def send(self, text: str, **options: Any) -> Reply:
+    def send(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         """Send a user message and return the whole reply."""
         return self._complete(self.stream(text, **options))
 
-    def stream(self, text: str, **options: Any) -> Generator[str, None, None]:
+    def stream(self, text: str, **options: Unpack[TurnOptions]) -> Generator[str, None, None]:
         """Send a user message and yield the reply's text as it is generated. The turn is recorded when the
         iteration ends; stopping early keeps the text streamed so far as the reply (finish_reason 'cancelled')."""
         return self._turn(*self._send_plan(text, options))
 
-    def regenerate(self, **options: Any) -> Reply:
+    def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
         """Replace the last reply with a new one for the same user message."""
         return self._complete(self.stream_regenerate(**options))
 
-    def stream_regenerate(self, **options: Any) -> Generator[str, None, None]:
+    def stream_regenerate(self, **options: Unpack[TurnOptions]) -> Generator[str, None, None]:
         return self._turn(*self._regenerate_plan(options))
 
-    def edit(self, text: str, **options: Any) -> Reply:
+    def edit(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         """Replace the last user message (and its reply) and answer the new one."""
         return self._complete(self.stream_edit(text, **options))
 
-    def stream_edit(self, text: str, **options: Any) -> Generator[str, None, None]:
+    def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> Generator[str, None, None]:
         return self._turn(*self._edit_plan(text, options))
 
     def stats(self) -> SessionStats:
@@ -348,15 +351,15 @@ class Session:
 
     # -- the three kinds of turn, as (plan, options): checked when asked for, planned when the turn starts ------
 
-    def _send_plan(self, text: str, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+    def _send_plan(self, text: str, options: TurnOptions) -> tuple[Plan, GenerationConfig]:
         user = self._user_message(text)
         return (lambda history: (history, user)), self._params(options)
 
-    def _regenerate_plan(self, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+    def _regenerate_plan(self, options: TurnOptions) -> tuple[Plan, GenerationConfig]:
         self._before_last_turn(self.messages)
         return (lambda history: (self._before_last_turn(history), history[-2])), self._params(options)
 
-    def _edit_plan(self, text: str, options: dict[str, Any]) -> tuple[Plan, GenerationConfig]:
+    def _edit_plan(self, text: str, options: TurnOptions) -> tuple[Plan, GenerationConfig]:
         user = self._user_message(text)
         self._before_last_turn(self.messages)
         return (lambda history: (self._before_last_turn(history), user)), self._params(options)
@@ -372,7 +375,10 @@ class Session:
         reply = self.messages[-1]
         return Reply(text=reply.content, token_ids=self._last_ids, stats=self.last_turn)
 
-    def _params(self, options: dict[str, Any]) -> GenerationConfig:
+    def _params(self, options: TurnOptions | dict[str, Any]) -> GenerationConfig:
+        for name in options:
+            if name in OTHER_NAMES:
+                raise ConfigError(f"unknown generation option {name!r}: chatrt calls it {OTHER_NAMES[name]!r}")
         defaults = self._p.config.generation.model_dump()
         try:
             return GenerationConfig.model_validate({**defaults, **options})

@@ -81,3 +81,19 @@ def test_the_redis_secret_comes_from_the_environment_and_is_never_shown():
     cfg = Config.load(None, env={"CHATRT_TIERS__REDIS_SECRET": "20261124"})  # digits stay text
     assert cfg.tiers.redis_secret.get_secret_value() == "20261124"
     assert "20261124" not in cfg.model_dump_json() and "20261124" not in repr(cfg)
+
+
+def test_turn_options_type_every_generation_option():
+    from typing import get_type_hints
+
+    from chatrt.config import GenerationConfig, TurnOptions
+
+    assert set(get_type_hints(TurnOptions)) == set(GenerationConfig.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("other", "ours"), [("max_tokens", "max_new_tokens"), ("repeat_penalty", "repetition_penalty")]
+)
+def test_an_option_named_as_other_apis_do_says_chatrts_name(runtime, other, ours):
+    with pytest.raises(ConfigError, match=f"chatrt calls it '{ours}'"):
+        runtime.open_session().send("hi", **{other: 5})

@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KV, to_chunks
-from chatrt.cache.store import SessionRecord
+from chatrt.cache.record import SessionRecord
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionLeased, SessionNotFound
 from chatrt.redis_server import RedisServer
 from tests.conftest import tiered, tiny_llama

@@ -7,7 +7,8 @@ import pytest
 
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import from_chunks, to_chunks
-from chatrt.cache.store import RedisStore, SessionRecord
+from chatrt.cache.record import SessionRecord
+from chatrt.cache.store import RedisStore
 from chatrt.engine import compute_kv
 from chatrt.errors import CacheRejected, InvalidMessage, SessionClosed, SessionConflict, SessionLeased, StoreUnavailable
 from chatrt.template import Message

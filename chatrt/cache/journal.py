@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from chatrt.cache.leases import LeaseKeeper
-from chatrt.cache.store import RedisStore, SessionRecord
+from chatrt.cache.record import SessionRecord
+from chatrt.cache.store import RedisStore
 from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable
 from chatrt.template import ChatTemplate, Message, check_text, check_turns
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from redis.exceptions import RedisClusterException
 
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KVMeta
+from chatrt.cache.record import SessionRecord
 from chatrt.errors import (
     CacheRejected,
     ChatrtError,
@@ -31,9 +33,7 @@ from chatrt.errors import (
     StoreUnavailable,
 )
 from chatrt.stats import DeploymentStats, RuntimeStats
-from chatrt.template import Message
 
-RECORD_VERSION = 2
 log = logging.getLogger("chatrt")
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
@@ -43,24 +43,6 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 # stored metadata claims is never trusted, so a forged record cannot make a delete or a renewal cost more.
 _DELETE_CHUNKS = "local n = tonumber(ARGV[1]) while redis.call('del', KEYS[1] .. n) == 1 do n = n + 1 end return n"
 _EXPIRE_CHUNKS = "local n = 0 while redis.call('expire', KEYS[1] .. n, ARGV[1]) == 1 do n = n + 1 end return n"
-
-
-class SessionRecord(BaseModel):
-    """A session as Redis keeps it: the transcript (the source of truth) and, when its KV is there, what it is."""
-
-    version: int = RECORD_VERSION
-    session_id: str
-    system_prompt: str | None
-    messages: list[Message]
-    turns: int
-    fingerprint: str
-    """Of the model that wrote the transcript; another model must re-tokenize the replies."""
-    kv: KVMeta | None = None
-    rev: str = ""
-    """New with every write of the transcript. A write names the revs it may replace, so a process whose lease
-    ran out cannot write over a turn another process answered meanwhile (a fencing token)."""
-    sig: str = ""
-    """Digest of everything above (an HMAC under the deployment's secret when one is set)."""
 
 
 def session_key(session_id: str, part: str) -> str:
@@ -349,6 +331,25 @@ class RedisStore:
             return []
         values = self.client.mget_nonatomic(keys) if self.cluster else self.client.mget(keys)  # type: ignore[attr-defined]
         return [m for raw in values if (m := _parse(model, raw)) is not None]
+
+    def put_values(self, values: dict[str, bytes | memoryview]) -> None:
+        """Plain values on one slot (the cost model's probe), expiring with the TTL."""
+        with self._guard("write a probe"):
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in values.items():
+                pipe.set(key, value, ex=self.ttl_s)
+            pipe.execute()
+
+    def delete_values(self, keys: list[str]) -> None:
+        with self._guard("delete a probe"):
+            self.client.delete(*keys)
+
+    def round_trip(self, key: str) -> float:
+        """Seconds for one GET: the fixed latency of a call."""
+        with self._guard("time a round trip"):
+            t0 = time.perf_counter()
+            self.client.get(key)
+            return time.perf_counter() - t0
 
     def ping(self) -> None:
         with self._guard("reach Redis"):

@@ -15,20 +15,22 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import redis
 import torch
 
 from chatrt.cache.cost import Choice, CostModel
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KV, KVMeta, check_meta, from_chunks, to_chunks
 from chatrt.cache.ladder import TIERS, Budget, Eviction, Ladder, Slot, Tier
-from chatrt.cache.store import RedisStore, SessionRecord
+from chatrt.cache.record import SessionRecord
 from chatrt.config import TierConfig
 from chatrt.errors import CacheRejected, StoreUnavailable
 from chatrt.model import LoadedModel
 from chatrt.stats import TierCounters, TierUsage
+
+if TYPE_CHECKING:  # the Redis client is an optional install
+    from chatrt.cache.store import RedisStore
 
 Source = Literal["device", "host", "redis", "none"]
 _PROBE_TOKENS = 128
@@ -200,7 +202,7 @@ class Tiers:
         except CacheRejected:
             self.count(rejected=1)
             return None
-        except (StoreUnavailable, redis.RedisError):
+        except StoreUnavailable:
             self.count(redis_errors=1)
             return None
         self.count(prefix_restores=1, restore_s=time.perf_counter() - t0)
@@ -257,7 +259,7 @@ class Tiers:
         tokens = len(slot.meta.ids) if slot.meta is not None else len(slot.kv or ())
         try:
             return self.cost.choose(tier, slot.nbytes, tokens)
-        except (StoreUnavailable, redis.RedisError, CacheRejected):  # a probe failed (Redis went away): recompute
+        except (StoreUnavailable, CacheRejected):  # a probe failed (Redis went away): recompute
             self.count(redis_errors=1)
             return Choice("recompute", float("inf"), 0.0)
 
@@ -366,13 +368,11 @@ class Tiers:
         key = f"chatrt:probe:{{{uuid.uuid4().hex}}}"  # their own keys (one cluster slot, by the hash tag)
         keys = [f"{key}:{n}" for n in range(len(chunks))]
         try:
-            self.store.client.mset(dict(zip(keys, chunks, strict=True)))
-            t0 = time.perf_counter()
-            self.store.client.get(key)
-            self.cost.set_latency("redis", time.perf_counter() - t0)
+            self.store.put_values(dict(zip(keys, chunks, strict=True)))
+            self.cost.set_latency("redis", self.store.round_trip(key))
             t0 = time.perf_counter()
             from_chunks(meta, self.store.get_chunks(keys, meta.nbytes), self.spec, self.sealer, self.lm.device)
             return meta.nbytes, time.perf_counter() - t0
         finally:
-            with contextlib.suppress(redis.RedisError):
-                self.store.client.delete(*keys)
+            with contextlib.suppress(StoreUnavailable):
+                self.store.delete_values(keys)
