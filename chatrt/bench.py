@@ -10,12 +10,12 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from pydantic import BaseModel
 
-from chatrt.bench_workload import FILL, MODES, POLICY, QUESTIONS, Mode, Workload
+from chatrt.bench_workload import FILL, MODES, POLICY, QUESTIONS, Mode, Workload, machine_load
 from chatrt.cache.cost import Action
 from chatrt.config import Config
 from chatrt.engine import compute_kv
@@ -41,6 +41,8 @@ class ModeResult(TokenCounts):
     """On the turn with the longest prompt: compare with `Report.reference_decode_tokens_per_s`."""
     ttft_by_turn_s: list[float]
     """Median TTFT over the sessions at each turn number (the plot's line)."""
+    repeats: int = 1
+    """Runs of the mode whose median these figures are."""
     peak_tier_bytes: dict[str, int]
     """The most each tier held after any turn."""
     tier_counters: TierCounters
@@ -77,6 +79,9 @@ class Report(BaseModel):
     reference_decode_tokens_per_s: float
     """Plain transformers `generate` (greedy) on the longest prompt, decode steps only."""
     restore: RestoreResult | None = None
+    load_avg_1m: float = 0.0
+    """The machine's load when the run began (above its core count: the figures are suspect)."""
+    cores: int = 0
 
     def result(self, mode: str) -> ModeResult:
         return next(r for r in self.results if r.mode == mode)
@@ -117,6 +122,7 @@ def run(
 ) -> Report:
     """Every mode of the workload, one after another; `pressure-redis` uses the configured Redis, else a private
     redis-server started for the run."""
+    load, cores = machine_load()  # before the run: during it, the run itself is the load
     with contextlib.ExitStack() as stack:
         redis_url = config.tiers.redis_url
         if "pressure-redis" in w.modes and not redis_url:
@@ -132,10 +138,13 @@ def run(
                 generation={"max_new_tokens": w.max_new_tokens, "temperature": 0.0},
                 tiers={"redis_url": "", **tiers},  # only pressure-redis writes to Redis
             )
-            result, replies[mode], longest = _run_mode(lm, mode_config, w, mode, system, users, progress)
-            results.append(result)
+            runs = [_run_mode(lm, mode_config, w, mode, system, users, progress) for _ in range(w.repeats)]
+            _, replies[mode], longest = runs[0]
+            results.append(_median(r for r, _, _ in runs))
     first = next(iter(replies.values()))
     return Report(
+        load_avg_1m=load,
+        cores=cores,
         model=lm.info.name,
         dtype=lm.info.dtype,
         device=lm.info.device,
@@ -145,6 +154,19 @@ def run(
         last_turn_prompt_tokens=len(longest),
         reference_decode_tokens_per_s=_reference_decode(lm, longest, w.max_new_tokens),
     )
+
+
+def _median(results: Iterable[ModeResult]) -> ModeResult:
+    """The first run's result with every timing replaced by its median over the runs (token counts and the
+    turns listed are the first run's; greedy replies make the runs' tokens identical)."""
+    runs = list(results)
+    timings = {
+        name: statistics.median(getattr(r, name) for r in runs)
+        for name, field in ModeResult.model_fields.items()
+        if field.annotation in (float, "float")
+    }
+    by_turn = [statistics.median(ts) for ts in zip(*(r.ttft_by_turn_s for r in runs), strict=True)]
+    return runs[0].model_copy(update={**timings, "ttft_by_turn_s": by_turn, "repeats": len(runs)})
 
 
 def _run_mode(

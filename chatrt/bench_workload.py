@@ -3,6 +3,7 @@ Light on purpose (pydantic and tomllib): the command line builds its options fro
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,10 @@ class Workload(BaseModel):
     """Session caches the device tier holds in the pressure modes (0: half the sessions, at least one)."""
     host_sessions: int = Field(1, ge=0)
     """Session caches the host tier holds in the pressure modes."""
+    repeats: int = Field(1, ge=1)
+    """Runs of each mode; its figures are the median over them (the turns listed are the first run's)."""
+    restore_tokens: int = Field(2000, ge=0)
+    """History length of the Redis restore vs recompute measurement (0 skips it)."""
 
     def pressure_tiers(self, redis_url: str) -> dict[str, object]:
         tiers: dict[str, object] = {
@@ -96,3 +101,12 @@ def load_preset(name: str) -> Workload:
         return Workload.model_validate({"name": path.stem, **tomllib.loads(path.read_text())})
     except (tomllib.TOMLDecodeError, ValidationError) as e:
         raise ConfigError(f"bench preset {path}: {e}") from None
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores): figures taken while the first exceeds the second are suspect."""
+    cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0], cores
+    except OSError:  # not available on this platform
+        return 0.0, cores

@@ -74,12 +74,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--interleave", action=argparse.BooleanOptionalAction, help="interleave the sessions' turns")
     b.add_argument("--modes", help=f"comma-separated, of: {', '.join(bench_workload.MODES)}")
     b.add_argument(
-        "--restore-tokens",
-        type=int,
-        default=2000,
-        help="history length for the Redis restore vs recompute measurement (0 skips it)",
-    )
-    b.add_argument(
         "--concurrent",
         help="instead of the modes: sessions answering at once, e.g. 1,4,8,16 (each with ~1,000 tokens of history), "
         "and a new turn and a long prompt arriving while 8 decode",
@@ -165,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _loadtest(args: argparse.Namespace) -> int:
     _needs("serve", "httpx", "fastapi")
+    _warn_if_loaded()
     import asyncio
 
     from chatrt import loadtest
@@ -280,7 +275,15 @@ def _plain_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_loaded() -> None:
+    load, cores = bench_workload.machine_load()
+    if load > cores:
+        err.print(f"[yellow]warning:[/yellow] the machine is loaded (load average {load:.1f} on {cores} cores): "
+                  "timings will be slow and noisy; ratios within the run hold up better")  # fmt: skip
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _warn_if_loaded()
     if args.concurrent:
         return _bench_concurrent(args)
     _needs("bench", "matplotlib", "redis")
@@ -291,7 +294,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.modes:
         given["modes"] = tuple(m.strip() for m in args.modes.split(","))
     try:
-        changed = {k for k in given if k != "modes"}
+        changed = {k for k in given if k != "modes" and given[k] != getattr(preset, k)}
         name = f"{preset.name} with {', '.join(sorted(changed))} changed" if changed else preset.name
         workload = bench.Workload.model_validate({**preset.model_dump(), **given, "name": name})
     except ValidationError as e:
@@ -301,9 +304,9 @@ def _bench(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         tasks = {m: bar.add_task(m, total=total) for m in workload.modes}
         report = bench.run(rt.lm, rt.config, workload, lambda mode, done, _: bar.update(tasks[mode], completed=done))
-    if args.restore_tokens:
-        with console.status(f"restore vs recompute of a {args.restore_tokens}-token history…"):
-            report.restore = bench.restore_vs_recompute(rt.lm, rt.config, args.restore_tokens)
+    if workload.restore_tokens:
+        with console.status(f"restore vs recompute of a {workload.restore_tokens}-token history…"):
+            report.restore = bench.restore_vs_recompute(rt.lm, rt.config, workload.restore_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.model_dump_json(indent=2))

@@ -116,3 +116,31 @@ def test_the_concurrent_bench_batches_sessions_and_reports_the_gain(tiny_lm):
     assert four.decode_tokens_per_s == pytest.approx(sum(four.tokens_per_s))
     u = report.under_load
     assert u is not None and u.long_prompt_tokens > 1000 and u.longest_gap_s > 0 and u.loaded_ttft_s > 0
+
+
+def test_repeats_report_the_median_of_each_timing(tiny_lm):
+    workload = bench.Workload(sessions=2, turns=2, system_words=10, max_new_tokens=4, modes=("full",), repeats=3)
+    report = bench.run(tiny_lm, Config(), workload)
+    (result,) = report.results
+    assert result.repeats == 3 and len(result.turns) == 4  # the first run's turns
+    assert report.cores >= 1 and report.load_avg_1m >= 0
+
+
+def test_the_median_of_runs_takes_each_timing_apart():
+    def run(wall: float, ttft: float, by_turn: list[float]) -> bench.ModeResult:
+        return bench.ModeResult(
+            mode="full", turns=[], wall_s=wall, prompt_tokens=10, reused_session_tokens=5, reused_prefix_tokens=0,
+            prefilled_tokens=5, generated_tokens=3, ttft_median_s=ttft, ttft_p95_s=ttft, last_turn_ttft_s=ttft,
+            decode_tokens_per_s=1.0, longest_turn_decode_tokens_per_s=1.0, ttft_by_turn_s=by_turn,
+            peak_tier_bytes={}, tier_counters=bench.TierCounters(),
+        )  # fmt: skip
+
+    m = bench._median([run(1.0, 0.5, [1, 9]), run(3.0, 0.1, [2, 8]), run(2.0, 0.9, [3, 7])])
+    assert (m.wall_s, m.ttft_median_s, m.ttft_by_turn_s, m.repeats) == (2.0, 0.5, [2, 8], 3)
+    assert m.prompt_tokens == 10  # counts are the first run's
+
+
+def test_the_quick_preset_is_small_and_skips_no_mode():
+    quick = bench_workload.load_preset("quick")
+    assert quick.sessions * quick.turns <= 6 and quick.max_new_tokens <= 16 and quick.restore_tokens <= 300
+    assert set(quick.modes) == set(bench.MODES)

@@ -26,10 +26,10 @@ def test_info_prints_the_model_and_its_fingerprint(capsys, bundled_lm):
 
 
 def test_bench_writes_a_report_and_a_plot(tmp_path):
-    args = ["--preset", "quick", "--turns", "2", "--max-new-tokens", "4", "--modes", "recompute,full,pressure-redis"]
+    args = ["--preset", "quick", "--turns", "1", "--max-new-tokens", "4", "--modes", "recompute,full,pressure-redis"]
     assert main(["bench", *args, "--restore-tokens", "300", "--out", str(tmp_path)]) == 0
     report = Report.model_validate_json((tmp_path / "report.json").read_text())
-    assert report.replies_identical and report.workload.sessions == 3 and report.workload.turns == 2
+    assert report.replies_identical and report.workload.sessions == 3 and report.workload.turns == 1
     assert report.workload.name == "quick with max_new_tokens, turns changed"
     assert [r.mode for r in report.results] == ["recompute", "full", "pressure-redis"]
     assert (tmp_path / "ttft.png").read_bytes()[:4] == b"\x89PNG"
