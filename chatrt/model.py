@@ -41,6 +41,8 @@ class ModelInfo(BaseModel):
     """What a loaded model is, as operators and cache entries see it."""
 
     name: str
+    origin: str = ""
+    """Where the weights came from when that changes what `dtype` means ("GGUF, dequantized")."""
     device: str
     dtype: str
     num_layers: int
@@ -79,9 +81,17 @@ class LoadedModel:
 
     @classmethod
     def wrap(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "custom", weights_id: str = ""
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str = "custom",
+        weights_id: str = "",
+        origin: str = "",
     ) -> LoadedModel:
-        """Wrap an already-built model; without `weights_id` the weights are hashed from the tensors."""
+        """Wrap a model you built or loaded yourself (any transformers causal LM and its tokenizer) for a
+        ChatRuntime: `ChatRuntime(LoadedModel.wrap(model, tokenizer, name="mine"))`. Without `weights_id` the
+        weights are hashed from the tensors (the fingerprint that keeps caches of different weights apart)."""
         model.eval()
         cfg = model.config.get_text_config(decoder=True)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -89,6 +99,7 @@ class LoadedModel:
         dtype = model.dtype
         info = ModelInfo(
             name=name,
+            origin=origin,
             device=str(model.device),
             dtype=str(dtype).removeprefix("torch."),
             num_layers=cfg.num_hidden_layers,
@@ -109,10 +120,13 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
     """Load the model named by `cfg` onto its device; GGUF weights are dequantized once and cached."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    origin = ""
     if cfg.source == "bundled":
         folder, weights_id, name = _gguf_folder(bundled_gguf(), cache_root(cfg), progress)
+        origin = "GGUF, dequantized"
     elif cfg.source.endswith(".gguf"):
         folder, weights_id, name = _gguf_folder(Path(cfg.source), cache_root(cfg), progress)
+        origin = "GGUF, dequantized"
     else:
         folder = Path(cfg.source).expanduser()
         if not (folder / "config.json").is_file():
@@ -125,7 +139,7 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the model in {folder}: {e}") from e
-    return LoadedModel.wrap(model, tokenizer, name=name, weights_id=weights_id)
+    return LoadedModel.wrap(model, tokenizer, name=name, weights_id=weights_id, origin=origin)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -17,6 +18,9 @@ from chatrt import ChatRuntime
 from tui.chat_screen import ChatScreen
 from tui.loading import LoadingScreen
 from tui.new_session import Preset, load_presets
+
+if TYPE_CHECKING:
+    from chatrt.model import ModelInfo
 
 Loader = Callable[[Callable[[str], None]], ChatRuntime]
 """Builds the runtime, reporting progress through the callable it is given."""
@@ -35,9 +39,18 @@ PALETTE = {
 }
 
 
+def model_title(info: ModelInfo) -> str:
+    """The model as a person should read it: a GGUF file's weights are dequantized, so its dtype is not the
+    quantization in its name."""
+    origin = f" ({info.origin})" if info.origin else ""
+    return f"{info.name}{origin} · {info.dtype} on {info.device}"
+
+
 class ChatApp(App[None]):
     CSS_PATH = "chatrt.tcss"
     TITLE = "chatrt"
+    # Textual's own ctrl+q binding is hidden from the footer; quitting should be as easy to find as the rest.
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
     def __init__(self, load: Loader, *, system_prompt: str | None = None, presets: list[Preset] | None = None) -> None:
         super().__init__()
@@ -63,7 +76,7 @@ class ChatApp(App[None]):
 
     async def runtime_ready(self, rt: ChatRuntime) -> None:
         self.rt = rt
-        self.sub_title = f"{rt.lm.info.name} · {rt.lm.info.dtype} · {rt.lm.info.device}"
+        self.sub_title = model_title(rt.lm.info)
         await self.switch_screen(ChatScreen(rt, self.presets, self.system_prompt))
 
     def runtime_failed(self, screen: LoadingScreen, message: str) -> None:

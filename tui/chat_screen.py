@@ -34,7 +34,6 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+e", "edit_last", "Edit last", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
         Binding("ctrl+t", "toggle_stats", "Stats"),
-        Binding("ctrl+q", "app.quit", "Quit"),
     ]
     show_stats: reactive[bool] = reactive(True, init=False)
 

@@ -147,5 +147,10 @@ class Conversation(VerticalScroll):
             self.turns.append(stats)
             # The recorded reply is the text streamed, cut at a stop string if one was held back.
             await reply.update(self.session.messages[-1].content)
+            if stats.finish_reason == "cancelled":  # stopped (Esc, close, quit): not what the model would finish
+                reply.add_class("-stopped")
+                reply.border_subtitle = "stopped"
+            elif stats.finish_reason == "length":
+                reply.border_subtitle = "cut at max new tokens"
         self.responding = False
         self.post_message(self.TurnEnded(self, stats, error, user if error else None))

@@ -56,6 +56,12 @@ class NewSessionScreen(ModalScreen[str | None]):
                 yield Button("Open", variant="primary", id="open")
                 yield Button("Cancel", id="cancel")
 
+    def on_mount(self) -> None:
+        presets = self.query_one("#presets", OptionList)
+        if self.presets:
+            presets.highlighted = 0  # Enter opens the first preset right away
+        presets.focus()
+
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(self.presets[int(event.option.id or 0)].system)
 

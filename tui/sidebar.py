@@ -42,7 +42,7 @@ class SessionItem(ListItem):
         stats = self.conversation.session.stats()
         self.title_label.update(self.conversation.title)
         self.turns_label.update(f"{stats.turns} turn{'' if stats.turns == 1 else 's'}")
-        self.tier_label.update(stats.tier)
+        self.tier_label.update("not cached" if stats.tier == "none" else stats.tier)
         self.tier_label.set_classes(f"badge -{stats.tier}")
         self.size_label.update(human_bytes(stats.kv_bytes) if stats.kv_bytes else "")
 

@@ -29,8 +29,9 @@ class StatsPanel(VerticalScroll):
     def show(self, conversation: Conversation, stats: RuntimeStats) -> None:
         session = conversation.session.stats()
         kv = f" · {human_bytes(session.kv_bytes)}" if session.kv_bytes else ""
+        turns = f"{session.turns} turn{'' if session.turns == 1 else 's'}"
         self.query_one("#session-heading", Label).update(
-            f"this session · KV on {session.tier}{kv}\n{session.turns} turns · hit rate {session.hit_rate:.1%}"
+            f"this session · {where(session.tier)}{kv}\n{turns} · hit rate {session.hit_rate:.1%}"
         )
         table = self.query_one("#turns", DataTable)
         if table.row_count != len(conversation.turns):
@@ -38,10 +39,20 @@ class StatsPanel(VerticalScroll):
             for n, t in enumerate(conversation.turns, 1):
                 table.add_row(
                     str(n), str(t.prompt_tokens), str(t.reused_tokens), str(t.prefilled_tokens),
-                    f"{t.ttft_s * 1000:.0f} ms", f"{t.decode_tokens_per_s:.1f}", t.kv_source,
+                    f"{t.ttft_s * 1000:.0f} ms", f"{t.decode_tokens_per_s:.1f}", source(t.kv_source),
                 )  # fmt: skip
             table.scroll_end(animate=False)
         self.query_one("#runtime", Static).update(runtime_table(stats))
+
+
+def where(tier: str) -> str:
+    """Where a session's KV is, in words: "not cached" rather than "none"."""
+    return "not cached" if tier == "none" else f"KV on {tier}"
+
+
+def source(kv_source: str) -> str:
+    """Where a turn's KV came from: a tier, or "not cached" (computed from the prompt)."""
+    return "not cached" if kv_source == "none" else kv_source
 
 
 def runtime_table(stats: RuntimeStats) -> Table:

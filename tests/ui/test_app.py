@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from textual.widgets import OptionList
 
 from chatrt import ChatRuntime, Config, ModelLoadError
 from tests.conftest import reference_reply
@@ -20,11 +21,12 @@ from tests.ui.pilot import (
     wait_until,
 )
 from tui import ChatApp
+from tui.app import model_title
 from tui.chat_screen import ChatScreen
 from tui.confirm import ConfirmScreen
 from tui.conversation import Bubble
 from tui.loading import LoadingScreen
-from tui.new_session import Preset
+from tui.new_session import NewSessionScreen, Preset
 from tui.prompt_input import PromptInput
 from tui.sidebar import SessionItem
 from tui.stats_panel import StatsPanel
@@ -147,6 +149,8 @@ async def test_escape_stops_a_long_reply_and_the_next_turn_is_exact(long_runtime
         stopped = conversation.turns[-1]
         assert stopped.finish_reason == "cancelled" and stopped.generated_tokens < 1500
         assert bubbles(conversation) == transcript(conversation)
+        last = list(conversation.query(Bubble))[-1]
+        assert last.has_class("-stopped") and last.border_subtitle == "stopped"  # not mistaken for a whole reply
         assert len(conversation.session.kv) > stopped.prompt_tokens
         assert_kv_agrees(conversation.session)
         long_runtime.config = long_runtime.config.with_values(generation={"max_new_tokens": 16})
@@ -305,3 +309,32 @@ async def test_chat_on_the_bundled_model_is_exact_and_reuses_the_history(bundled
         assert session.messages[-1].token_ids == reference_reply(session.model, prompt, 24, use_cache=True)
         assert bubbles(conversation) == transcript(conversation)
         assert turn_rows(pilot.app.screen)[1][2] == str(second.reused_tokens)
+
+
+async def test_the_new_session_dialog_opens_on_the_first_preset(runtime):
+    async with chat_app(runtime, presets=PRESETS).run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, NewSessionScreen))
+        presets = pilot.app.screen.query_one("#presets", OptionList)
+        assert presets.highlighted == 0 and pilot.app.focused is presets
+        await pilot.press("enter")  # opens it at once
+        await wait_until(pilot, lambda: len(pilot.app.screen.conversations()) == 2)
+        assert pilot.app.screen.current.session.system_prompt is None  # "Model default"
+
+
+async def test_the_title_says_a_gguf_is_dequantized_and_the_footer_offers_quit(runtime):
+    info = runtime.lm.info.model_copy(update={"name": "SmolLM2-135M-Instruct.Q4_1", "origin": "GGUF, dequantized"})
+    assert model_title(info) == "SmolLM2-135M-Instruct.Q4_1 (GGUF, dequantized) · float32 on cpu"
+    async with chat_app(runtime).run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        footer = [b.description for (_, b, enabled, _) in pilot.app.active_bindings.values() if b.show and enabled]
+        assert "Quit" in footer
+
+
+async def test_a_session_with_no_cache_says_not_cached(runtime):
+    async with chat_app(runtime).run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        item = pilot.app.screen.query_one(SessionItem)
+        assert str(item.tier_label.render()) == "not cached"
+        assert "not cached" in str(pilot.app.screen.query_one("#session-heading").render())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from chatrt import ModelLoadError
 from tests.ui.pilot import chat_app, notifications, ready, say, wait_until
 from tui import ChatApp
+from tui.confirm import ConfirmScreen
 from tui.new_session import NewSessionScreen, Preset
 
 SIZE = (120, 34)
@@ -52,3 +53,12 @@ def test_a_failed_load(snap_compare):
         await wait_until(pilot, lambda: notifications(pilot.app))
 
     assert snap_compare(ChatApp(load, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_close_confirmation_dialog_shows_its_whole_question(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await say(pilot, "Hello there")
+        await pilot.press("ctrl+t", "ctrl+w")  # stats hidden: their timings differ per run
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
