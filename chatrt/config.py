@@ -16,6 +16,8 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, Validati
 from chatrt.errors import ConfigError
 
 ENV_PREFIX = "CHATRT_"
+NOT_CONFIG = {"CHATRT_DATA_DIR"}
+"""Variables with the prefix that are not config overrides: where `chatrt chat` keeps its chats."""
 
 
 class _Section(BaseModel):
@@ -225,7 +227,7 @@ class Config(_Section):
 def _apply_env(data: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> None:
     """CHATRT_MODEL__DTYPE=bfloat16 sets [model] dtype; values are read as TOML, else as text."""
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if len(path) != 2 or path[0] not in Config.model_fields:

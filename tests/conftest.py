@@ -27,6 +27,14 @@ from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
 from chatrt.redis_server import redis_server
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """Every test keeps its chats (the UI's store) in a folder of its own."""
+    folder = tmp_path / "data"
+    monkeypatch.setenv("CHATRT_DATA_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def bundled_folder():
     """The bundled GGUF dequantized to a transformers folder (made once per machine, then read in 0.2 s)."""

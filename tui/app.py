@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -15,12 +14,10 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from chatrt import ChatRuntime
-from tui.chat_screen import ChatScreen
+from tui.chat_screen import ChatScreen, model_title
+from tui.chats import ChatStore
 from tui.loading import LoadingScreen
 from tui.new_session import Preset, load_presets
-
-if TYPE_CHECKING:
-    from chatrt.model import ModelInfo
 
 Loader = Callable[[Callable[[str], None]], ChatRuntime]
 """Builds the runtime, reporting progress through the callable it is given."""
@@ -29,7 +26,10 @@ Loader = Callable[[Callable[[str], None]], ChatRuntime]
 # The chat screen's actions as the command palette lists them, with a line of help each.
 PALETTE = {
     "new_session": "Open a session with a preset or a typed system prompt",
-    "close_session": "Close this session and free its cache on every tier",
+    "close_session": "Delete this chat and free its cache on every tier",
+    "rename": "Rename this chat",
+    "settings": "This chat's temperature, top-p, top-k, repetition penalty, max new tokens and seed",
+    "export": "Write this chat as Markdown into the current folder",
     "stop": "Stop the reply being generated",
     "regenerate": "Replace the last reply with a new one",
     "edit_last": "Edit your last message and answer it again",
@@ -39,24 +39,26 @@ PALETTE = {
 }
 
 
-def model_title(info: ModelInfo) -> str:
-    """The model as a person should read it: a GGUF file's weights are dequantized, so its dtype is not the
-    quantization in its name."""
-    origin = f" ({info.origin})" if info.origin else ""
-    return f"{info.name}{origin} · {info.dtype} on {info.device}"
-
-
 class ChatApp(App[None]):
     CSS_PATH = "chatrt.tcss"
     TITLE = "chatrt"
     # Textual's own ctrl+q binding is hidden from the footer; quitting should be as easy to find as the rest.
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
-    def __init__(self, load: Loader, *, system_prompt: str | None = None, presets: list[Preset] | None = None) -> None:
+    def __init__(
+        self,
+        load: Loader,
+        *,
+        system_prompt: str | None = None,
+        presets: list[Preset] | None = None,
+        chats: ChatStore | None = None,
+    ) -> None:
+        """`chats`: where chats are kept between runs (default: chats.db in the user's data folder)."""
         super().__init__()
         self.load = load
         self.system_prompt = system_prompt
         self.presets = load_presets() if presets is None else presets
+        self.chats = chats if chats is not None else ChatStore()
         self.rt: ChatRuntime | None = None
 
     def on_mount(self) -> None:
@@ -77,7 +79,7 @@ class ChatApp(App[None]):
     async def runtime_ready(self, rt: ChatRuntime) -> None:
         self.rt = rt
         self.sub_title = model_title(rt.lm.info)
-        await self.switch_screen(ChatScreen(rt, self.presets, self.system_prompt))
+        await self.switch_screen(ChatScreen(rt, self.presets, self.system_prompt, self.chats))
 
     def runtime_failed(self, screen: LoadingScreen, message: str) -> None:
         screen.failed(message)

@@ -1,9 +1,12 @@
 """The main screen: sessions on the left, the conversation and its input in the middle, stats on the right.
 
-Every action (new, switch, close, stop, regenerate, edit, copy, stats) is a binding here and a palette command.
+Every action (new, switch, delete, rename, export, stop, regenerate, edit, copy, stats) is a binding here and a
+palette command. Chats are kept in the chat store after every turn and come back at the next start.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -11,15 +14,29 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Header, Label, ListView
 
-from chatrt import ChatrtError, ChatRuntime
+from chatrt import ChatrtError, ChatRuntime, InvalidMessage
+from chatrt.engine.generation import GREEDY_BELOW
+from chatrt.model import ModelInfo
+from tui.chats import ChatStore, StoredChat, export_name, markdown
 from tui.confirm import ConfirmScreen
 from tui.conversation import Conversation
 from tui.new_session import NewSessionScreen, Preset
 from tui.prompt_input import PromptInput
+from tui.rename import RenameScreen
+from tui.settings import SettingsScreen
 from tui.sidebar import SessionItem, SessionList
 from tui.stats_panel import StatsPanel
 
+
+def model_title(info: ModelInfo) -> str:
+    """The model as a person should read it: a GGUF file's weights are dequantized, so its dtype is not the
+    quantization in its name."""
+    origin = f" ({info.origin})" if info.origin else ""
+    return f"{info.name}{origin} · {info.dtype} on {info.device}"
+
+
 TITLE_CHARS = 26
+REGENERATE_TEMPERATURE = 0.8
 
 
 class ChatScreen(Screen[None]):
@@ -28,19 +45,25 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+n", "new_session", "New"),
         Binding("ctrl+up", "switch(-1)", "Prev", show=False),
         Binding("ctrl+down", "switch(1)", "Next", show=False),
-        Binding("ctrl+w", "close_session", "Close", priority=True),
+        Binding("ctrl+w", "close_session", "Delete", priority=True),
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+e", "edit_last", "Edit last", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
         Binding("ctrl+t", "toggle_stats", "Stats"),
+        Binding("f2", "rename", "Rename", show=False),
+        Binding("ctrl+g", "settings", "Settings", priority=True),
+        Binding("ctrl+s", "export", "Export", show=False, priority=True),
     ]
     show_stats: reactive[bool] = reactive(True, init=False)
 
-    def __init__(self, rt: ChatRuntime, presets: list[Preset], system_prompt: str | None = None) -> None:
+    def __init__(
+        self, rt: ChatRuntime, presets: list[Preset], system_prompt: str | None = None, chats: ChatStore | None = None
+    ) -> None:
         super().__init__()
         self.rt = rt
         self.presets = presets
+        self.chats = chats
         self.first_system_prompt = system_prompt
         self.current: Conversation | None = None
         self._opened = 0
@@ -59,7 +82,13 @@ class ChatScreen(Screen[None]):
         yield Footer()
 
     async def on_mount(self) -> None:
-        await self.open(self.first_system_prompt)
+        stored = self.chats.chats() if self.chats is not None else []
+        for chat in stored:
+            await self.reopen(chat)
+        if not self.conversations() or self.first_system_prompt is not None:
+            await self.open(self.first_system_prompt)
+        elif self.current is None:
+            self.show(self.conversations()[-1])  # the chat used last
         self.set_interval(1.0, self.refresh_stats)
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -73,11 +102,40 @@ class ChatScreen(Screen[None]):
         except ChatrtError as e:
             self.notify(str(e), title="could not open a session", severity="error")
             return
-        self._opened += 1
-        conversation = Conversation(session, title="New chat", id=f"conversation-{self._opened}")
+        self.show(await self._add(Conversation(session, title="New chat", id=self._next_id())))
+
+    async def reopen(self, chat: StoredChat) -> None:
+        """A chat kept from an earlier run: its session again, seeded with the transcript (its KV is computed by
+        its next turn, or restored from Redis when a runtime there still holds it)."""
+        try:
+            session = self.rt.open_session(chat.system_prompt, session_id=chat.id, messages=chat.messages)
+        except InvalidMessage:  # with Redis: the session is stored there; resume it from there
+            try:
+                session = self.rt.session(chat.id)
+            except ChatrtError as e:
+                self.notify(f"{chat.title!r} could not be reopened: {e}", severity="warning")
+                return
+        except ChatrtError as e:
+            self.notify(f"{chat.title!r} could not be reopened: {e}", severity="warning")
+            return
+        await self._add(Conversation(session, title=chat.title, settings=chat.settings, id=self._next_id()))
+
+    async def _add(self, conversation: Conversation) -> Conversation:
         await self.query_one("#conversations").mount(conversation)
         await self.query_one(SessionList).append(SessionItem(conversation))
-        self.show(conversation)
+        return conversation
+
+    def _next_id(self) -> str:
+        self._opened += 1
+        return f"conversation-{self._opened}"
+
+    def save(self, conversation: Conversation) -> None:
+        """Keep the chat as it is now (after each turn, a rename, a change of settings)."""
+        if self.chats is None or not conversation.session.messages:
+            return
+        session = conversation.session
+        self.chats.save(StoredChat(id=session.id, title=conversation.title, system_prompt=session.system_prompt,
+                                   settings=conversation.settings, messages=session.messages))  # fmt: skip
 
     def show(self, conversation: Conversation) -> None:
         self.current = conversation
@@ -103,10 +161,12 @@ class ChatScreen(Screen[None]):
             conversation.session.close()
         except ChatrtError as e:  # the session is gone from this process either way
             self.notify(str(e), severity="warning")
+        if self.chats is not None:
+            self.chats.delete(conversation.session.id)
         item = next(i for i in self.query_one(SessionList).items() if i.conversation is conversation)
         await item.remove()
         await conversation.remove()
-        self.notify(f"closed {conversation.title!r}; its cache is freed")
+        self.notify(f"deleted {conversation.title!r}; its cache is freed everywhere")
         rest = self.conversations()
         if rest:
             self.show(rest[-1])
@@ -140,6 +200,7 @@ class ChatScreen(Screen[None]):
             if first:
                 line = " ".join(first.split())
                 conversation.title = line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+        self.save(conversation)
         self.refresh_stats()
 
     def refresh_stats(self) -> None:
@@ -180,7 +241,7 @@ class ChatScreen(Screen[None]):
             if yes:
                 await self.close(conversation)
 
-        question = f"Close {conversation.title!r}? Its transcript is gone and its cache freed on every tier."
+        question = f"Delete {conversation.title!r}? Its transcript is gone and its cache freed on every tier."
         self.app.push_screen(ConfirmScreen(question), answered)
 
     def action_stop(self) -> None:
@@ -191,12 +252,33 @@ class ChatScreen(Screen[None]):
             prompt.reset()
 
     def action_regenerate(self) -> None:
-        if self.current is None or self.current.responding:
+        conversation = self.current
+        if conversation is None or conversation.responding:
             return
-        if self.current.last("assistant") is None:
+        if conversation.last("assistant") is None:
             self.notify("there is no reply to regenerate yet", severity="warning")
             return
-        self.current.regenerate()
+        temperature = conversation.settings.get("temperature", self.rt.config.generation.temperature)
+        if temperature < GREEDY_BELOW:  # greedy decoding would give the very same reply again
+            self.notify(f"greedy decoding gives the same reply again, so this one is sampled at temperature "
+                        f"{REGENERATE_TEMPERATURE} (Ctrl+G sets the chat's own)")  # fmt: skip
+            conversation.regenerate(temperature=REGENERATE_TEMPERATURE, seed=None)
+        else:
+            conversation.regenerate()
+
+    def action_settings(self) -> None:
+        conversation = self.current
+        if conversation is None:
+            return
+
+        def saved(settings: dict | None) -> None:
+            if settings is not None:
+                conversation.settings = settings
+                self.save(conversation)
+                self.notify("settings saved; they apply from this chat's next turn")
+
+        defaults = self.rt.config.generation
+        self.app.push_screen(SettingsScreen(defaults, conversation.settings, model_title(self.rt.lm.info)), saved)
 
     def action_edit_last(self) -> None:
         if self.current is None or self.current.responding:
@@ -214,6 +296,36 @@ class ChatScreen(Screen[None]):
             return
         self.app.copy_to_clipboard(text)
         self.notify("copied the last reply")
+
+    def action_rename(self) -> None:
+        conversation = self.current
+        if conversation is None:
+            return
+
+        def renamed(title: str | None) -> None:
+            if title:
+                conversation.title = title
+                self.save(conversation)
+                self.refresh_stats()
+
+        self.app.push_screen(RenameScreen(conversation.title), renamed)
+
+    def action_export(self) -> None:
+        """Write the chat as Markdown into the current folder."""
+        conversation = self.current
+        if conversation is None or not conversation.session.messages:
+            self.notify("there is nothing to export yet", severity="warning")
+            return
+        session = conversation.session
+        chat = StoredChat(id=session.id, title=conversation.title, system_prompt=session.system_prompt,
+                          messages=session.messages)  # fmt: skip
+        path = Path.cwd() / export_name(chat.title)
+        try:
+            path.write_text(markdown(chat))
+        except OSError as e:
+            self.notify(f"could not write {path}: {e}", severity="error")
+            return
+        self.notify(f"exported to {path}")
 
     def action_toggle_stats(self) -> None:
         self.show_stats = not self.show_stats

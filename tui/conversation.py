@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
+from typing import Any
 
 from textual import work
 from textual.containers import VerticalScroll
@@ -44,11 +45,13 @@ class Conversation(VerticalScroll):
 
     responding: reactive[bool] = reactive(False)
 
-    def __init__(self, session: Session, title: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, session: Session, title: str, settings: dict | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
         self.session = session
         self.chat = AsyncSession(session)  # a turn runs on a thread; its pieces arrive on the app's loop
         self.title = title
+        self.settings: dict = dict(settings or {})
+        """This chat's turn options (temperature, top_p, ...): they override the runtime's defaults."""
         self.turns: list[TurnStats] = []
         """Stats of every turn this view ran, oldest first (the stats panel's table)."""
         self._worker: Worker[None] | None = None
@@ -65,13 +68,13 @@ class Conversation(VerticalScroll):
     # -- what the screen asks of it ---------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        self._begin(lambda: self.chat.stream(text), user=text, drop=0)
+        self._begin(lambda: self.chat.stream(text, **self.settings), user=text, drop=0)
 
-    def regenerate(self) -> None:
-        self._begin(self.chat.stream_regenerate, user=None, drop=1)
+    def regenerate(self, **options: Any) -> None:
+        self._begin(lambda: self.chat.stream_regenerate(**{**self.settings, **options}), user=None, drop=1)
 
     def edit(self, text: str) -> None:
-        self._begin(lambda: self.chat.stream_edit(text), user=text, drop=2)
+        self._begin(lambda: self.chat.stream_edit(text, **self.settings), user=text, drop=2)
 
     def stop(self) -> None:
         """Stop the reply being generated; what was streamed so far stays as the reply."""

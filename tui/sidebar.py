@@ -41,7 +41,8 @@ class SessionItem(ListItem):
     def sync(self) -> None:
         stats = self.conversation.session.stats()
         self.title_label.update(self.conversation.title)
-        self.turns_label.update(f"{stats.turns} turn{'' if stats.turns == 1 else 's'}")
+        turns = len(self.conversation.session.messages) // 2  # in the transcript: a regenerated reply is no new turn
+        self.turns_label.update(f"{turns} turn{'' if turns == 1 else 's'}")
         self.tier_label.update("not cached" if stats.tier == "none" else stats.tier)
         self.tier_label.set_classes(f"badge -{stats.tier}")
         self.size_label.update(human_bytes(stats.kv_bytes) if stats.kv_bytes else "")

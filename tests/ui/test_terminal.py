@@ -71,10 +71,9 @@ def tiny_folder(tokenizer, tmp_path):
     return folder
 
 
-def test_chat_runs_in_a_real_terminal_answers_and_quits(tiny_folder, tmp_path):
-    term = Terminal(
-        [sys.executable, "-m", "chatrt.cli", "chat", "--model", str(tiny_folder), "--system", "Be brief."],
-    )
+def test_chat_runs_in_a_real_terminal_answers_quits_and_its_chat_comes_back(tiny_folder, tmp_path):
+    chat = [sys.executable, "-m", "chatrt.cli", "chat", "--model", str(tiny_folder)]
+    term = Terminal([*chat, "--system", "Be brief."])
     try:
         term.expect("system: Be brief.")
         term.expect("0 turns")
@@ -84,5 +83,17 @@ def test_chat_runs_in_a_real_terminal_answers_and_quits(tiny_folder, tmp_path):
         term.send("\x11")  # Ctrl+Q
         assert term.wait() == 0
         assert b"\x1b[?1049l" in term.seen  # it left the alternate screen: the terminal is given back
+    finally:
+        term.close()
+    term = Terminal(chat)  # started again: the chat is listed, shown, and goes on
+    try:
+        term.expect("hello there")
+        term.expect("1 turn ")
+        term.expect("not cached")  # its KV went with the first process: the next turn computes it
+        term.send("and again\r")
+        term.expect("2 turns")
+        term.expect("KV on device")
+        term.send("\x11")
+        assert term.wait() == 0
     finally:
         term.close()
