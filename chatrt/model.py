@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -129,9 +130,12 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
         origin = "GGUF, dequantized"
     else:
         folder = Path(cfg.source).expanduser()
+        if not folder.exists() and _HUB_ID.fullmatch(cfg.source):
+            folder = _from_hub(cfg.source, progress)
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is not a transformers model folder (no config.json)")
-        weights_id, name = _folder_digest(folder), folder.name
+        weights_id = _folder_digest(folder)
+        name = cfg.source if _HUB_ID.fullmatch(cfg.source) and not Path(cfg.source).exists() else folder.name
     progress(f"loading {name} ({dtype}, {device})")
     try:
         with quiet():
@@ -226,6 +230,25 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+"""A Hugging Face Hub repository id, `org/name` (a path that exists is a folder, whatever it looks like)."""
+
+
+def _from_hub(repo_id: str, progress: Progress) -> Path:
+    """The model's files from the Hugging Face Hub (downloaded once, then read from the Hub's cache)."""
+    from huggingface_hub import snapshot_download
+
+    progress(f"fetching {repo_id} from the Hugging Face Hub (once; later starts read its cache)")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, no such id, gated, a network error: each is the same advice to the user
+        raise ModelLoadError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}); check the "
+            "id and the network (HF_HUB_OFFLINE must be unset), or pass a local folder or a .gguf file"
+        ) from None
 
 
 def _folder_digest(folder: Path) -> str:

@@ -1,6 +1,7 @@
 """Models load from the bundled GGUF (cached) or a folder, and carry a fingerprint of what made them."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,3 +73,32 @@ def test_library_use_prints_nothing_but_what_the_bot_prints(bundled_folder):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATRT_", "TRANSFORMERS_"))}
     out = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, env=env, check=True)
     assert out.stderr == "" and out.stdout.strip() == "4"
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_a_typed_error_that_says_what_to_do(tmp_path):
+    """No test downloads: offline, the Hub answers nothing, and the user learns why and what else to pass."""
+    import subprocess
+    import sys
+
+    code = (
+        "from chatrt.config import ModelConfig\nfrom chatrt.errors import ModelLoadError\n"
+        "from chatrt.model import load\n"
+        "try:\n    load(ModelConfig(source='chatrt-tests/no-such-model'))\n"
+        "except ModelLoadError as e:\n    print('ModelLoadError:', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.startswith("ModelLoadError:"), done.stderr
+    assert "Hugging Face Hub" in done.stdout and "local folder" in done.stdout
+    assert not (tmp_path / "hf" / "hub" / "models--chatrt-tests--no-such-model" / "blobs").exists()
+
+
+def test_a_folder_that_looks_like_a_hub_id_is_read_as_a_folder(tiny_folder, tmp_path, monkeypatch):
+    from chatrt.config import ModelConfig
+    from chatrt.model import load
+
+    (tmp_path / "org").mkdir()
+    shutil.copytree(tiny_folder, tmp_path / "org" / "model")
+    monkeypatch.chdir(tmp_path)
+    lm = load(ModelConfig(source="org/model", dtype="float32"))
+    assert lm.info.name == "model" and lm.info.origin == ""
