@@ -34,7 +34,7 @@ _LAZY = {
     "AsyncSession": "chatrt.async_runtime",
     "ChatRuntime": "chatrt.runtime",
     "LoadedModel": "chatrt.model",
-    "Message": "chatrt.template",
+    "Message": "chatrt.message",
     "Reply": "chatrt.session",
     "RuntimeStats": "chatrt.stats",
     "Session": "chatrt.session",
@@ -44,11 +44,11 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
+    from chatrt.message import Message
     from chatrt.model import LoadedModel
     from chatrt.runtime import ChatRuntime
     from chatrt.session import Reply, Session
     from chatrt.stats import RuntimeStats, SessionStats, TurnStats
-    from chatrt.template import Message
 
 
 def __getattr__(name: str) -> object:

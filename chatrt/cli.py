@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,10 +237,16 @@ def _chat(args: argparse.Namespace) -> int:
     import tui  # the UI's imports are only paid for when it runs
 
     config = _config(args)  # a bad config is reported here, before the screen is taken over
-    from chatrt.runtime import ChatRuntime
 
-    _quiet_hub()
-    tui.run(lambda progress: ChatRuntime.from_config(config, progress), system_prompt=args.system)
+    def load(progress: Callable[[str], None]) -> ChatRuntime:
+        """Behind the loading screen, which is up before the model stack is even imported."""
+        progress("importing torch and transformers")
+        from chatrt.runtime import ChatRuntime
+
+        _quiet_hub()
+        return ChatRuntime.from_config(config, progress)
+
+    tui.run(load, system_prompt=args.system)
     return 0
 
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, Validati
 
 from chatrt.errors import ConfigError
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): dividing logits by less overflows to infinity."""
 ENV_PREFIX = "CHATRT_"
 NOT_CONFIG = {"CHATRT_DATA_DIR"}
 """Variables with the prefix that are not config overrides: where `chatrt chat` keeps its chats."""

@@ -136,10 +136,11 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
             raise ModelLoadError(f"{folder} is not a transformers model folder (no config.json)")
         weights_id = _folder_digest(folder)
         name = cfg.source if _HUB_ID.fullmatch(cfg.source) and not Path(cfg.source).exists() else folder.name
-    progress(f"loading {name} ({dtype}, {device})")
     try:
         with quiet():
+            progress(f"reading the tokenizer of {name}")
             tokenizer = AutoTokenizer.from_pretrained(folder)
+            progress(f"loading the weights of {name} ({str(dtype).removeprefix('torch.')}, {device})")
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the model in {folder}: {e}") from e

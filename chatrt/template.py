@@ -9,31 +9,22 @@ import re
 import secrets
 import threading
 from functools import lru_cache
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from chatrt.cache.kv import common_prefix_len
 from chatrt.errors import InvalidMessage, TemplateError
+from chatrt.message import Message, Role
 
-Role = Literal["system", "user", "assistant"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["ChatTemplate", "Message", "Role", "check_text", "check_turns", "decode"]
+
 
 # transformers' fast tokenizers switch `split_special_tokens` by setting a flag on the shared Rust tokenizer
 # for the duration of a call, so two threads encoding at once can each get the other's setting: user text
 # would then become control tokens. Every encode goes through this one lock (encoding takes microseconds).
 _ENCODE_LOCK = threading.Lock()
-
-
-class Message(BaseModel):
-    """One transcript entry. An assistant message keeps the ids the model generated, so the next prompt
-    holds exactly the tokens whose KV is cached (re-tokenizing a reply does not always give them back)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    role: Role
-    content: str
-    token_ids: tuple[int, ...] | None = None
 
 
 def check_turns(messages: list[Message], what: str = "the history") -> list[Message]:

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from chatrt import ChatRuntime
 from tui.chat_screen import ChatScreen, model_title
 from tui.chats import ChatStore
 from tui.loading import LoadingScreen
 from tui.new_session import Preset, load_presets
 
-Loader = Callable[[Callable[[str], None]], ChatRuntime]
+if TYPE_CHECKING:
+    from chatrt import ChatRuntime
+
+Loader = Callable[[Callable[[str], None]], "ChatRuntime"]
 """Builds the runtime, reporting progress through the callable it is given."""
 
 

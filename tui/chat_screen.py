@@ -7,6 +7,7 @@ palette command. Chats are kept in the chat store after every turn and come back
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -14,9 +15,8 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Header, Label, ListView
 
-from chatrt import ChatrtError, ChatRuntime, InvalidMessage
-from chatrt.engine.generation import GREEDY_BELOW
-from chatrt.model import ModelInfo
+from chatrt.config import GREEDY_BELOW
+from chatrt.errors import ChatrtError, InvalidMessage
 from tui.chats import ChatStore, StoredChat, export_name, markdown
 from tui.confirm import ConfirmScreen
 from tui.conversation import Conversation
@@ -26,6 +26,10 @@ from tui.rename import RenameScreen
 from tui.settings import SettingsScreen
 from tui.sidebar import SessionItem, SessionList
 from tui.stats_panel import StatsPanel
+
+if TYPE_CHECKING:  # the model stack is imported by the loader, behind the loading screen
+    from chatrt import ChatRuntime
+    from chatrt.model import ModelInfo
 
 
 def model_title(info: ModelInfo) -> str:

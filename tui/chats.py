@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from chatrt import Message
+from chatrt.message import Message
 
 _SCHEMA = """
 create table if not exists chats (

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.containers import VerticalScroll
@@ -19,7 +19,10 @@ from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
-from chatrt import AsyncSession, Session, TurnStats
+from chatrt.stats import TurnStats
+
+if TYPE_CHECKING:
+    from chatrt import Session
 
 Start = Callable[[], AsyncIterator[str]]
 
@@ -47,6 +50,8 @@ class Conversation(VerticalScroll):
 
     def __init__(self, session: Session, title: str, settings: dict | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
+        from chatrt.async_runtime import AsyncSession  # imported once the runtime is loaded
+
         self.session = session
         self.chat = AsyncSession(session)  # a turn runs on a thread; its pieces arrive on the app's loop
         self.title = title

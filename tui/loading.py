@@ -5,6 +5,8 @@ A failed load leaves the app running on this screen, with the error, until the u
 
 from __future__ import annotations
 
+import time
+
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
@@ -14,6 +16,11 @@ from textual.widgets import Footer, Label, LoadingIndicator
 class LoadingScreen(Screen[None]):
     BINDINGS = [Binding("q", "app.quit", "Quit")]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._done: list[tuple[str, float]] = []  # stages finished, with their seconds
+        self._stage, self._since = "", time.monotonic()
+
     def compose(self):  # type: ignore[no-untyped-def]
         with Vertical(id="loading"):
             yield Label("chatrt", classes="heading")
@@ -22,7 +29,13 @@ class LoadingScreen(Screen[None]):
         yield Footer()
 
     def progress(self, message: str) -> None:
-        self.query_one("#progress", Label).update(message)
+        """A new stage began: the ones before it are listed with the seconds they took."""
+        now = time.monotonic()
+        if self._stage:
+            self._done.append((self._stage, now - self._since))
+        self._stage, self._since = message, now
+        lines = [f"✓ {stage} ({seconds:.1f} s)" for stage, seconds in self._done]
+        self.query_one("#progress", Label).update("\n".join([*lines, f"… {message}"]))
 
     def failed(self, message: str) -> None:
         self.query_one(LoadingIndicator).display = False

@@ -9,7 +9,7 @@ from rich.table import Table
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Label, Static
 
-from chatrt import RuntimeStats
+from chatrt.stats import RuntimeStats
 from tui.conversation import Conversation
 from tui.sidebar import human_bytes
 

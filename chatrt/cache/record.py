@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from chatrt.cache.kv import KVMeta
-from chatrt.template import Message
+from chatrt.message import Message
 
 RECORD_VERSION = 2
 

@@ -16,13 +16,11 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from chatrt.cache.kv import KV, new_cache
-from chatrt.config import GenerationConfig
+from chatrt.config import GREEDY_BELOW, GenerationConfig
 from chatrt.model import LoadedModel
 from chatrt.template import decode
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
-GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily (as vLLM does): dividing logits by less overflows to infinity."""
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ import json
 import threading
 from collections import OrderedDict
 
-from chatrt.template import Message
+from chatrt.message import Message
 
 
 def digest(system_prompt: str | None, messages: list[Message]) -> str:
