@@ -11,6 +11,8 @@ from tests.ui.pilot import chat_app, notifications, ready, say, wait_until
 from tui import ChatApp
 from tui.confirm import ConfirmScreen
 from tui.new_session import NewSessionScreen, Preset
+from tui.rename import RenameScreen
+from tui.settings import SettingsScreen
 
 SIZE = (120, 34)
 PRESETS = [Preset(name="Model default", system=""), Preset(name="Pirate", system="You talk like a pirate.")]
@@ -60,5 +62,23 @@ def test_close_confirmation_dialog_shows_its_whole_question(snap_compare, runtim
         await say(pilot, "Hello there")
         await pilot.press("ctrl+t", "ctrl+w")  # stats hidden: their timings differ per run
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_settings_dialog(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await ready(pilot)
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+
+
+def test_rename_dialog(snap_compare, runtime):
+    async def run_before(pilot) -> None:
+        await ready(pilot)
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, RenameScreen))
 
     assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
