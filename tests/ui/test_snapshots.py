@@ -6,6 +6,8 @@ Timings differ per run, so screens with the per-turn stats table are not snapsho
 
 from __future__ import annotations
 
+import pytest
+
 from chatrt import ModelLoadError
 from tests.ui.pilot import chat_app, notifications, ready, say, wait_until
 from tui import ChatApp
@@ -38,13 +40,24 @@ def test_main_screen_with_a_conversation_and_two_sessions(snap_compare, runtime)
     assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
 
 
-def test_new_session_dialog(snap_compare, runtime):
+def dialog(key: str, screen: type):  # type: ignore[no-untyped-def]
+    """A run_before that opens a dialog from the main screen, before any turn (no timings on screen)."""
+
     async def run_before(pilot) -> None:
         await ready(pilot)
-        await pilot.press("ctrl+n")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, NewSessionScreen))
+        await pilot.press(key)
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, screen))
 
-    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
+    return run_before
+
+
+@pytest.mark.parametrize(
+    ("key", "screen"),
+    [("ctrl+n", NewSessionScreen), ("ctrl+g", SettingsScreen), ("f2", RenameScreen)],
+    ids=["new_session", "settings", "rename"],
+)
+def test_dialogs_render_whole(snap_compare, runtime, key, screen):
+    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=dialog(key, screen))
 
 
 def test_a_failed_load(snap_compare):
@@ -62,23 +75,5 @@ def test_close_confirmation_dialog_shows_its_whole_question(snap_compare, runtim
         await say(pilot, "Hello there")
         await pilot.press("ctrl+t", "ctrl+w")  # stats hidden: their timings differ per run
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
-
-    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
-
-
-def test_settings_dialog(snap_compare, runtime):
-    async def run_before(pilot) -> None:
-        await ready(pilot)
-        await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
-
-    assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
-
-
-def test_rename_dialog(snap_compare, runtime):
-    async def run_before(pilot) -> None:
-        await ready(pilot)
-        await pilot.press("f2")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, RenameScreen))
 
     assert snap_compare(chat_app(runtime, presets=PRESETS), terminal_size=SIZE, run_before=run_before)
