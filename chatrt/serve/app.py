@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
 from chatrt.config import ServeConfig
@@ -325,16 +326,28 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             admission.__exit__(None, None, None)
             raise
 
+        finished = False
+
+        async def finish() -> None:
+            """End the turn (recorded as far as it was sent) and count the request out, once."""
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            with anyio.CancelScope(shield=True):  # a disconnect cancels this task: the turn is still recorded
+                await events.aclose()  # type: ignore[attr-defined]
+            admission.__exit__(None, None, None)
+
         async def counted() -> AsyncIterator[dict[str, str]]:
             try:
                 async for event in events:
                     yield event
             finally:
-                with anyio.CancelScope(shield=True):  # a disconnect cancels this task: the turn is still recorded
-                    await events.aclose()  # type: ignore[attr-defined]
-                admission.__exit__(None, None, None)
+                await finish()
 
-        return EventSourceResponse(counted(), ping=15)
+        # The background task runs after the response, however it ended: also when the client left before
+        # the stream was ever iterated (then `counted` never started, and its finally would never run).
+        return EventSourceResponse(counted(), ping=15, background=BackgroundTask(finish))
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:
