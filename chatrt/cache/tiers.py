@@ -117,7 +117,8 @@ class Tiers:
         except CacheRejected as e:
             self.count(rejected=1)
             return str(e)
-        with self._lock:
+        with self._lock:  # a stale copy of it still on its way down lands (and is discarded) first
+            self._lock.wait_for(lambda: record.session_id not in self._ladder.moving)
             self._ladder.put("redis", record.session_id, Slot(None, record.kv, record.kv.nbytes))
         return ""
 
