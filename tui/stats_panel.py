@@ -29,7 +29,8 @@ class StatsPanel(VerticalScroll):
     def show(self, conversation: Conversation, stats: RuntimeStats) -> None:
         session = conversation.session.stats()
         kv = f" · {human_bytes(session.kv_bytes)}" if session.kv_bytes else ""
-        turns = f"{session.turns} turn{'' if session.turns == 1 else 's'}"
+        n = len(conversation.session.messages) // 2  # the transcript's turns, as the sidebar counts them
+        turns = f"{n} turn{'' if n == 1 else 's'}"
         self.query_one("#session-heading", Label).update(
             f"this session · {where(session.tier)}{kv}\n{turns} · hit rate {session.hit_rate:.1%}"
         )
@@ -61,7 +62,8 @@ def runtime_table(stats: RuntimeStats) -> Table:
     table.add_column()
     table.add_row("hit rate", f"{stats.hit_rate:.1%} of {stats.prompt_tokens:,} prompt tokens")
     table.add_row("reused", f"{stats.reused_session_tokens:,} session · {stats.reused_prefix_tokens:,} prefix")
-    table.add_row("prefilled", f"{stats.prefilled_tokens:,} tokens in {stats.turns:,} turns")
+    turns = f"{stats.turns:,} turn{'' if stats.turns == 1 else 's'}"
+    table.add_row("prefilled", f"{stats.prefilled_tokens:,} tokens in {turns}")
     table.add_row("sessions", f"{stats.sessions_open} open · {stats.sessions_closed} closed")
     for tier, usage in stats.tiers.items():
         budget = f" / {human_bytes(usage.budget_bytes)}" if usage.budget_bytes else ""
