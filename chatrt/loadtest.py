@@ -109,7 +109,7 @@ async def python_user(art: AsyncChatRuntime, user: int, turns: int, max_tokens: 
             assert stats is not None
             out.append(Turn(ttft_s=ttft, seconds=time.perf_counter() - t0, completion_tokens=stats.generated_tokens,
                             prompt_tokens=stats.prompt_tokens,
-                            cached_tokens=stats.reused_session_tokens + stats.reused_prefix_tokens))  # fmt: skip
+                            cached_tokens=stats.reused_tokens))  # fmt: skip
     finally:
         await session.close()
     return out

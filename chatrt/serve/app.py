@@ -57,10 +57,12 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.retry_after = status, message, type, code, retry_after
 
+    def body(self) -> wire.ErrorResponse:
+        return wire.ErrorResponse(error=wire.ErrorBody(message=self.message, type=self.type, code=self.code))
+
     def response(self) -> JSONResponse:
-        body = wire.ErrorResponse(error=wire.ErrorBody(message=self.message, type=self.type, code=self.code))
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
 
 
 def http_error(e: ChatrtError) -> HTTPError:
@@ -118,17 +120,16 @@ class Server:
             message = "a valid API key is required: send Authorization: Bearer <key>"
             raise HTTPError(401, message, "authentication_error", "invalid_api_key")
 
-    @contextlib.contextmanager
-    def admitted(self) -> Any:
-        """Count a request in, or refuse it with 503 when the engine's batch and queue are full."""
+    def admit(self) -> None:
+        """Count a request in, or refuse it with 503 when the engine's batch and queue are full. Every admitted
+        request is counted out by `release`, once."""
         if self.in_flight >= self.limit:
             raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server takes; "
                             "retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
     # -- which session answers -------------------------------------------------------------------
 
@@ -225,9 +226,7 @@ class Server:
                     yield chunk(wire.Delta(), use=usage(turn))
                 yield {"data": "[DONE]"}
             except ChatrtError as e:  # after the response started: the error is the stream's last event
-                error = http_error(e)
-                body = wire.ErrorResponse(error=wire.ErrorBody(message=error.message, type=error.type, code=error.code))
-                yield {"data": body.model_dump_json()}
+                yield {"data": http_error(e).body().model_dump_json()}
             finally:
                 await pieces.aclose()  # a disconnect lands here: the turn ends and is recorded first
                 if stateless:
@@ -237,12 +236,11 @@ class Server:
 
 
 def usage(turn: TurnStats) -> wire.Usage:
-    cached = turn.reused_session_tokens + turn.reused_prefix_tokens
     return wire.Usage(
         prompt_tokens=turn.prompt_tokens,
         completion_tokens=turn.generated_tokens,
         total_tokens=turn.prompt_tokens + turn.generated_tokens,
-        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached),
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=turn.reused_tokens),
     )
 
 
@@ -315,15 +313,16 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             message = f"the model {req.model!r} is not served here; it serves {server.model_id!r} (GET /v1/models)"
             raise HTTPError(404, message, "invalid_request_error", "model_not_found")
         header = request.headers.get(SESSION_HEADER)
+        server.admit()
         if not req.stream:
-            with server.admitted():
+            try:
                 return (await server.complete(req, header)).model_dump()
-        admission = server.admitted()
-        admission.__enter__()
+            finally:
+                server.release()
         try:
             events = await server.stream(req, header)
         except BaseException:
-            admission.__exit__(None, None, None)
+            server.release()
             raise
 
         finished = False
@@ -336,7 +335,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             finished = True
             with anyio.CancelScope(shield=True):  # a disconnect cancels this task: the turn is still recorded
                 await events.aclose()  # type: ignore[attr-defined]
-            admission.__exit__(None, None, None)
+            server.release()
 
         async def counted() -> AsyncIterator[dict[str, str]]:
             try:
