@@ -137,9 +137,7 @@ class ChatScreen(Screen[None]):
         """Keep the chat as it is now (after each turn, a rename, a change of settings)."""
         if self.chats is None or not conversation.session.messages:
             return
-        session = conversation.session
-        self.chats.save(StoredChat(id=session.id, title=conversation.title, system_prompt=session.system_prompt,
-                                   settings=conversation.settings, messages=session.messages))  # fmt: skip
+        self.chats.save(conversation.stored())
 
     def show(self, conversation: Conversation) -> None:
         self.current = conversation
@@ -320,9 +318,7 @@ class ChatScreen(Screen[None]):
         if conversation is None or not conversation.session.messages:
             self.notify("there is nothing to export yet", severity="warning")
             return
-        session = conversation.session
-        chat = StoredChat(id=session.id, title=conversation.title, system_prompt=session.system_prompt,
-                          messages=session.messages)  # fmt: skip
+        chat = conversation.stored()
         path = Path.cwd() / export_name(chat.title)
         try:
             path.write_text(markdown(chat))

@@ -20,6 +20,7 @@ from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from chatrt.stats import TurnStats
+from tui.chats import StoredChat
 
 if TYPE_CHECKING:
     from chatrt import Session
@@ -91,6 +92,12 @@ class Conversation(VerticalScroll):
         if self._worker is not None:
             with suppress(WorkerCancelled, WorkerFailed):
                 await self._worker.wait()
+
+    def stored(self) -> StoredChat:
+        """The chat as the chat store keeps it."""
+        s = self.session
+        return StoredChat(id=s.id, title=self.title, system_prompt=s.system_prompt, settings=self.settings,
+                          messages=s.messages)  # fmt: skip
 
     def last(self, role: str) -> str | None:
         return next((m.content for m in reversed(self.session.messages) if m.role == role), None)
