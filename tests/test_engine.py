@@ -9,10 +9,23 @@ from transformers import AutoModelForCausalLM
 from chatrt import bench
 from chatrt.cache.kv import common_prefix_len
 from chatrt.config import EngineConfig, GenerationConfig
-from chatrt.engine import Engine, Generation, TextStream, compute_kv, decode_step, prefill, sample
+from chatrt.engine import Engine, Generation, Request, TextStream, compute_kv, decode_step, prefill, sample
 from chatrt.model import LoadedModel
 from chatrt.template import ChatTemplate, Message
 from tests.conftest import reference_reply
+
+
+def alone(lm, gen: Generation) -> tuple[Engine, Request]:
+    """The engine with one row and whole-prompt prefill: the batch-1 path, bit for bit a session alone."""
+    engine = Engine(lm, EngineConfig(max_batch=1, prefill_chunk=0), thread=False)
+    return engine, engine.submit(gen)
+
+
+def run_alone(lm, gen: Generation) -> str:
+    engine, request = alone(lm, gen)
+    while engine.scheduler.has_work():
+        engine.step()
+    return "".join(request.stream())
 
 
 def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
@@ -21,7 +34,7 @@ def test_greedy_generation_on_a_cropped_kv_equals_plain_transformers(tiny_lm):
         gen = Generation(
             tiny_lm, compute_kv(tiny_lm, tuple(prompt[:split])), prompt[split:], GenerationConfig(max_new_tokens=10)
         )
-        text = "".join(gen)
+        text = run_alone(tiny_lm, gen)
         assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 10)
         assert text == gen.text == tiny_lm.tokenizer.decode(gen.token_ids)
         assert gen.finish_reason in ("length", "stop")
@@ -37,7 +50,7 @@ def test_repetition_penalty_on_a_reused_kv_equals_plain_transformers(tiny_lm):
     for split in (1, len(prompt) - 1):
         kv = compute_kv(tiny_lm, tuple(prompt[:split]))
         gen = Generation(tiny_lm, kv, prompt[split:], GenerationConfig(max_new_tokens=30, repetition_penalty=1.5))
-        "".join(gen)
+        run_alone(tiny_lm, gen)
         assert tuple(gen.token_ids) == reference_reply(tiny_lm, prompt, 30, repetition_penalty=1.5) != plain
 
 
@@ -52,10 +65,12 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
 
 def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
     gen = Generation(tiny_lm, None, list(range(400, 420)), GenerationConfig(max_new_tokens=50))
-    stream = iter(gen)
-    next(stream)
-    stream.close()
-    assert gen.finish_reason == "cancelled"
+    engine, request = alone(tiny_lm, gen)
+    for _ in range(3):  # the prompt, then two tokens fed back
+        engine.step()
+    request.cancel()
+    engine.step()
+    assert request.ended.is_set() and gen.finish_reason == "cancelled" and len(gen.token_ids) == 3
     assert len(gen.kv) == 20 + len(gen.token_ids) - 1
     assert gen.kv.ids[20:] == tuple(gen.token_ids[:-1])
 

@@ -1,14 +1,13 @@
 """One reply as a state machine (take a KV, accept logits, feed a token, end), sampling, stop conditions and
 streamed text; knows nothing of sessions.
 
-The engine loop drives many Generations at once through packed forwards; iterating one runs it alone, batch 1,
-on the caller's thread. Either way, when it has ended its KV, ids and timings describe exactly what was computed.
+The engine loop drives Generations, many at once through packed forwards, a lone one through the plain forward.
+When one has ended, its KV, ids and timings describe exactly what was computed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -127,9 +126,9 @@ class TextStream:
 
 @dataclass
 class Generation:
-    """One reply. Driven by the engine (`begin`, then `accept` the logits of each step and feed `next_token`,
-    then `end`), or iterated alone for its text pieces. Once ended, `kv` holds exactly `kv.ids` (prompt + every
-    generated token fed back), also when the consumer stopped early."""
+    """One reply, driven by the engine: `begin`, then `accept` the logits of each step and feed `next_token`,
+    then `end`. Once ended, `kv` holds exactly `kv.ids` (prompt + every generated token fed back), also when the
+    consumer stopped early."""
 
     lm: LoadedModel
     kv: KV | None
@@ -228,21 +227,6 @@ class Generation:
             self.kv = KV.from_cache(cache, tuple(self.fed))
         self.cache = None
         return rest
-
-    def __iter__(self) -> Iterator[str]:
-        """Run alone, on this thread, one plain forward per step."""
-        ids = self.begin()
-        try:
-            logits = forward(self.lm, self.cache, ids)  # type: ignore[arg-type]
-            while True:
-                if piece := self.accept(logits):
-                    yield piece
-                if self.done:
-                    return
-                logits = forward(self.lm, self.cache, [self.next_token])  # type: ignore[arg-type]
-                self.advance()
-        finally:
-            self.end()  # a no-op when the reply ended; a cancel when the consumer stopped or a step failed
 
     def cut(self, chars: int) -> None:
         """A stream stopped by a consumer that received only its first `chars` characters (pieces it was handed,
