@@ -32,13 +32,15 @@ from chatrt.errors import (
 _LAZY = {
     "AsyncChatRuntime": "chatrt.async_runtime",
     "AsyncSession": "chatrt.async_runtime",
+    "AsyncTurn": "chatrt.turn",
     "ChatRuntime": "chatrt.runtime",
     "LoadedModel": "chatrt.model",
     "Message": "chatrt.message",
-    "Reply": "chatrt.session",
+    "Reply": "chatrt.turn",
     "RuntimeStats": "chatrt.stats",
     "Session": "chatrt.session",
     "SessionStats": "chatrt.stats",
+    "Turn": "chatrt.turn",
     "TurnStats": "chatrt.stats",
 }
 
@@ -47,8 +49,9 @@ if TYPE_CHECKING:
     from chatrt.message import Message
     from chatrt.model import LoadedModel
     from chatrt.runtime import ChatRuntime
-    from chatrt.session import Reply, Session
+    from chatrt.session import Session
     from chatrt.stats import RuntimeStats, SessionStats, TurnStats
+    from chatrt.turn import AsyncTurn, Reply, Turn
 
 
 def __getattr__(name: str) -> object:
@@ -60,6 +63,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AsyncChatRuntime",
     "AsyncSession",
+    "AsyncTurn",
     "CacheRejected",
     "ChatRuntime",
     "ChatrtError",
@@ -85,5 +89,6 @@ __all__ = [
     "StoreUnavailable",
     "TemplateError",
     "TooManySessions",
+    "Turn",
     "TurnStats",
 ]

@@ -2,25 +2,25 @@
 
 A turn's two blocking phases (taking the session and its cache, maybe from Redis; recording the reply) run on a
 worker thread; between them the event loop reads the request's pieces straight from the engine, so a stream
-holds no thread while it waits for the model.
+holds no thread while it waits for the model (`chatrt.turn.AsyncTurn`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
 from typing_extensions import Unpack
 
-from chatrt.config import Config, GenerationConfig, TurnOptions
+from chatrt.config import Config, TurnOptions
 from chatrt.model import Progress
 from chatrt.runtime import ChatRuntime
-from chatrt.session import Plan, Reply, Session
+from chatrt.session import Session
 from chatrt.stats import RuntimeStats, SessionStats, TurnStats
 from chatrt.template import Message
+from chatrt.turn import AsyncTurn, Reply
 
 
 class _Closing:
@@ -57,29 +57,25 @@ class AsyncSession(_Closing):
         return self.sync.tier
 
     async def send(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
-        return await self._complete(self.stream(text, **options))
+        return await self.stream(text, **options).result()
 
     async def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
-        return await self._complete(self.stream_regenerate(**options))
+        return await self.stream_regenerate(**options).result()
 
     async def edit(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
-        return await self._complete(self.stream_edit(text, **options))
+        return await self.stream_edit(text, **options).result()
 
-    def stream(self, text: str, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
-        """Pieces of the reply as they are generated. Leaving the loop early (break, or the task cancelled)
-        stops generation: the text so far is the reply, as with `Session.stream`."""
-        return _stream(self.sync, lambda: self.sync._send_plan(text, options))
+    def stream(self, text: str, **options: Unpack[TurnOptions]) -> AsyncTurn:
+        """Pieces of the reply as they are generated (`async for`); the recorded reply is `turn.reply` once the
+        loop ends. Leaving early (break and `aclose()`, or the task cancelled) stops generation: the text so far
+        is the reply, as with `Session.stream`."""
+        return AsyncTurn(self.sync.stream(text, **options))
 
-    def stream_regenerate(self, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
-        return _stream(self.sync, lambda: self.sync._regenerate_plan(options))
+    def stream_regenerate(self, **options: Unpack[TurnOptions]) -> AsyncTurn:
+        return AsyncTurn(self.sync.stream_regenerate(**options))
 
-    def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> AsyncIterator[str]:
-        return _stream(self.sync, lambda: self.sync._edit_plan(text, options))
-
-    async def _complete(self, pieces: AsyncIterator[str]) -> Reply:
-        async for _ in pieces:
-            pass
-        return self.sync._reply()
+    def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> AsyncTurn:
+        return AsyncTurn(self.sync.stream_edit(text, **options))
 
     def stats(self) -> SessionStats:
         return self.sync.stats()
@@ -114,34 +110,3 @@ class AsyncChatRuntime(_Closing):
 
     def stats(self) -> RuntimeStats:
         return self.sync.stats()
-
-
-async def _stream(session: Session, plan: Callable[[], tuple[Plan, GenerationConfig]]) -> AsyncIterator[str]:
-    """A turn of `session`, its pieces read on this event loop. On the way out (finished, break, cancel, error)
-    the request is ended and the turn recorded before control returns; a consumer that stopped early keeps
-    exactly the characters it received as the reply."""
-    session._check_open()
-    begin = asyncio.ensure_future(asyncio.to_thread(session._begin, *plan(), None))
-    try:
-        turn = await asyncio.shield(begin)
-    except asyncio.CancelledError:  # the turn may start anyway: it is ended unrecorded, the session let go
-        with contextlib.suppress(Exception):
-            turn = await begin
-            turn.request.cancel()
-            await asyncio.to_thread(turn.request.ended.wait)
-            await asyncio.to_thread(session._end, turn, record=False)
-        raise
-    recorded = False
-    try:
-        async with contextlib.aclosing(turn.request.astream()) as pieces:  # closed here: the request ends now
-            async for piece in pieces:
-                yield piece
-                if session._closing.is_set():  # closed meanwhile: stop at this piece
-                    break
-        recorded = True
-    except (GeneratorExit, asyncio.CancelledError):
-        recorded = True  # the consumer stopped: what it received is the reply
-        raise
-    finally:
-        # Shielded: a cancelled consumer still waits for its turn to be recorded (SessionConflict is raised here).
-        await asyncio.shield(asyncio.to_thread(session._end, turn, record=recorded))

@@ -4,6 +4,7 @@ what a new turn costs while others decode. Every figure is a ratio within one ru
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -147,22 +148,35 @@ def _under_load(rt: ChatRuntime, system: str | None, users: list[list[str]], bus
     gaps: list[list[tuple[float, float]]] = [[] for _ in others]  # per stream: (gap before a piece, its time)
     long_at: list[float] = []
 
+    decoding = threading.Barrier(busy + 1)
+    done = threading.Event()  # the long prompt is in and a second has passed: the streams stop
+
     def stream(i: int) -> None:
         last = time.perf_counter()
-        for _ in others[i].stream("Please explain every policy in detail, one by one.", max_new_tokens=400):
-            now = time.perf_counter()
-            gaps[i].append((now - last, now))
-            last = now
+        with others[i].stream("Please explain every policy in detail, one by one.", max_new_tokens=1000) as turn:
+            for n, _ in enumerate(turn):
+                now = time.perf_counter()
+                gaps[i].append((now - last, now))
+                last = now
+                if n == 2:
+                    decoding.wait()
+                if done.is_set():
+                    break
+        if len(gaps[i]) < 3:  # ended before its third piece: the others need not wait for it
+            decoding.abort()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(busy)]
     for t in threads:
         t.start()
-    time.sleep(2.0)  # the streams are decoding
+    with contextlib.suppress(threading.BrokenBarrierError):
+        decoding.wait(timeout=60)  # every stream is decoding
     loaded = ninth.send(probe).stats.ttft_s
     long_session = rt.open_session()
     long_at.append(time.perf_counter())
     prompt_tokens = long_session.send(long_text, max_new_tokens=1).stats.prompt_tokens
     long_at.append(time.perf_counter())
+    time.sleep(1.0)
+    done.set()
     for t in threads:
         t.join()
     before = [g for per in gaps for g, at in per if at < long_at[0]]

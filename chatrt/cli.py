@@ -262,20 +262,20 @@ def _plain_chat(args: argparse.Namespace) -> int:
                 break
             if not text.strip():
                 break
-            before = session.last_turn
             try:
-                pieces = session.stream_regenerate() if text.strip() == "/regen" else session.stream(text)
+                turn = session.stream_regenerate() if text.strip() == "/regen" else session.stream(text)
                 console.print("[bold green]bot>[/bold green] ", end="")
-                for piece in pieces:
-                    console.print(piece, end="", markup=False, highlight=False)
+                with turn:
+                    for piece in turn:
+                        console.print(piece, end="", markup=False, highlight=False)
             except ChatrtError as e:  # a bad message is the user's to fix; the chat goes on
                 err.print(f"[red]{escape(str(e))}[/red]")
                 continue
             except KeyboardInterrupt:
-                console.print("\n[yellow]stopped: this turn was not kept[/yellow]")
+                console.print("\n[yellow]stopped: the reply so far is kept[/yellow]")
                 continue
-            t = session.last_turn
-            if t is not before and t is not None:
+            if turn.reply is not None:
+                t = turn.reply.stats
                 console.print(
                     f"\n[dim]{t.prompt_tokens} prompt tokens, {t.reused_tokens} reused, {t.prefilled_tokens} "
                     f"prefilled · TTFT {t.ttft_s * 1000:.0f} ms · {t.decode_tokens_per_s:.1f} tok/s[/dim]"

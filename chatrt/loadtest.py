@@ -103,10 +103,10 @@ async def python_user(art: AsyncChatRuntime, user: int, turns: int, max_tokens: 
         for text in questions(user, turns):
             t0 = time.perf_counter()
             ttft = 0.0
-            async for _ in session.stream(text, max_new_tokens=max_tokens):
+            turn = session.stream(text, max_new_tokens=max_tokens)
+            async for _ in turn:
                 ttft = ttft or time.perf_counter() - t0
-            stats = session.last_turn
-            assert stats is not None
+            stats = (await turn.result()).stats
             out.append(Turn(ttft_s=ttft, seconds=time.perf_counter() - t0, completion_tokens=stats.generated_tokens,
                             prompt_tokens=stats.prompt_tokens,
                             cached_tokens=stats.reused_tokens))  # fmt: skip

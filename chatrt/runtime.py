@@ -139,7 +139,7 @@ class ChatRuntime:
             try:
                 self.journal.create(session.record())
             except ChatrtError:
-                session._release()
+                session.discard()
                 self._forget(session, closed=False)
                 raise
         return session

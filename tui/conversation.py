@@ -6,8 +6,8 @@ The session's transcript is the truth; after a failed turn the view is rebuilt f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing, suppress
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,9 @@ from chatrt.stats import TurnStats
 from tui.chats import StoredChat
 
 if TYPE_CHECKING:
-    from chatrt import Session
+    from chatrt import AsyncTurn, Session
 
-Start = Callable[[], AsyncIterator[str]]
+Start = Callable[[], "AsyncTurn"]
 
 
 class Bubble(Markdown):
@@ -131,20 +131,20 @@ class Conversation(VerticalScroll):
 
     @work(exit_on_error=False)
     async def _generate(self, start: Start, reply: Bubble, user: str | None) -> None:
-        before = self.session.last_turn
         stream = Markdown.get_stream(reply)
         error: Exception | None = None
+        turn: AsyncTurn | None = None
         try:
-            async with aclosing(start()) as pieces:  # leaving it stops the turn and waits until it is recorded
-                async for piece in pieces:
+            turn = start()
+            async with turn:  # leaving it stops the turn and waits until it is recorded
+                async for piece in turn:
                     await stream.write(piece)
         except asyncio.CancelledError:
             pass  # stopped (Esc, close, quit): the text so far is the reply
         except Exception as e:  # shown as a notification: whatever fails, the app and the session go on
             error = e
-        turn = self.session.last_turn
-        stats = turn if turn is not before and error is None else None
-        await self._finish(reply, stream, stats, error, user)
+        recorded = turn.reply if turn is not None and error is None else None
+        await self._finish(reply, stream, recorded.stats if recorded else None, error, user)
 
     async def _finish(
         self,

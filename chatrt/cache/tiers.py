@@ -75,6 +75,7 @@ class Tiers:
         self.moves: deque[Move] = deque(maxlen=1024)
         self._ladder = self._new_ladder()
         self._lock = threading.Condition(threading.RLock())  # notified when a moving cache lands
+        self._settling = False  # a thread is moving caches down (`settle`)
 
     def _new_ladder(self) -> Ladder:
         c = self.config
@@ -101,11 +102,10 @@ class Tiers:
         return self._promote(session_id, tier, slot)
 
     def checkin(self, session_id: str, kv: KV | None) -> None:
-        """The turn is over: its KV is the session's most recently used cache on the device. Idle caches over
-        the budgets move down (on this thread)."""
+        """The turn is over: its KV is the session's most recently used cache on the device. Nothing moves yet:
+        the turn lets its session go first, then calls `settle`."""
         with self._lock:
             self._ladder.unpin(session_id, Slot(kv, None, kv.nbytes) if kv is not None else None)
-        self._settle()
 
     def adopt(self, record: SessionRecord) -> str:
         """A session resumed from Redis: its KV (if the record names one) is on the Redis tier.
@@ -147,19 +147,17 @@ class Tiers:
         with self._lock:
             self._ladder.drop(session_id)
 
-    def take_stored(self, session_id: str) -> tuple[KVMeta | None, list[memoryview] | None]:
-        """Runtime shutdown: forget the session's KV here and return what Redis should keep of it: the metadata
-        and chunks of a KV that was in memory, or the metadata of the chunks already in Redis (no chunks)."""
+    def take(self, session_id: str) -> tuple[KVMeta | None, KV | None]:
+        """Runtime shutdown: forget the session's KV here and return what Redis should keep of it: the KV when it
+        was in memory (for the caller to serialize, outside any lock), or the metadata of its chunks already in
+        Redis."""
         with self._lock:
             self._lock.wait_for(lambda: session_id not in self._ladder.moving)
             tier, slot = self._ladder.find(session_id)
             self._ladder.drop(session_id)
         if slot is None:
             return None, None
-        if tier == "redis":
-            return slot.meta, None
-        assert slot.kv is not None
-        return self.chunks(slot.kv)
+        return (slot.meta, None) if tier == "redis" else (None, slot.kv)
 
     def clear(self) -> None:
         with self._lock:
@@ -172,7 +170,7 @@ class Tiers:
             eviction = self._ladder.take_idle(session_id)
         if eviction is not None:
             self._move_down(eviction)
-            self._settle()
+            self.settle()
         return self.where(session_id)
 
     # -- shared prefixes: an evicted prefix waits in Redis, where any process can load it ------------
@@ -286,16 +284,28 @@ class Tiers:
         except StoreUnavailable:
             self.count(redis_errors=1)
 
-    def _settle(self) -> None:
-        """Move caches down until every tier is within its budgets: the policy picks them under the lock, the
-        copies and Redis writes run after it is released."""
-        while True:
-            with self._lock:
-                evictions = self._ladder.evict()
-            if not evictions:
+    def settle(self) -> None:
+        """Move idle caches down until every tier is within its budgets: the policy picks them under the lock,
+        the copies and Redis writes run after it is released, on this thread. One thread settles at a time: a
+        call while another settles returns at once, and that one takes the new work too (so a stalled Redis
+        write holds up only the thread that was already waiting on it)."""
+        with self._lock:
+            if self._settling:
                 return
-            for eviction in evictions:
-                self._move_down(eviction)
+            self._settling = True
+        try:
+            while True:
+                with self._lock:
+                    evictions = self._ladder.evict()
+                    if not evictions:
+                        self._settling = False
+                        return
+                for eviction in evictions:
+                    self._move_down(eviction)
+        except BaseException:
+            with self._lock:
+                self._settling = False
+            raise
 
     def _move_down(self, e: Eviction) -> None:
         """One step down the ladder for a cache the policy took off `e.tier`, then landed (or discarded, when

@@ -96,6 +96,13 @@ class TextStream:
             self.text = self._decode(self.ids)
         return self._release(final=True)
 
+    def kept_tokens(self) -> int:
+        """After a stop string: how many leading ids spell only text before it (the reply's own tokens)."""
+        n = len(self.ids)
+        while n and len(self._decode(self.ids[:n])) > len(self.text):
+            n -= 1
+        return n
+
     def _release(self, *, final: bool) -> str:
         if self.stop and not self.stopped:
             # Search from where a stop string could begin that was not complete at the last push.
@@ -192,8 +199,12 @@ class Generation:
         piece = stream.push(token)
         if piece:
             self.marks.append((stream.emitted, len(self.token_ids)))
-        if stream.stopped:
-            return piece + self.end("stop_string")
+        if stream.stopped:  # the tokens that spell the stop string are not the reply's, nor its cache's
+            del self.token_ids[stream.kept_tokens() :]
+            rest = self.end("stop_string")
+            if self.kv is not None:
+                self.kv = self.kv.crop(min(len(self.kv), self.prompt_len + len(self.token_ids)))
+            return piece + rest
         if len(self.token_ids) >= p.max_new_tokens:
             return piece + self.end("length")
         self.next_token = token

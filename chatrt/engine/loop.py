@@ -81,15 +81,14 @@ class Request:
         self.engine.wake()
 
     def stream(self) -> Generator[str, None, None]:
-        """The reply's pieces as the engine produces them. Stopping early (close) cancels the request and waits
-        for the engine to end it; `delivered` says how much of the reply this stream handed out."""
+        """The reply's pieces as the engine produces them. Stopping early (close) cancels the request: the
+        engine ends it at its next step (`ended`); `delivered` says how much of the reply this stream handed out."""
         try:
             while (item := self._pieces.get()) is not _END:
                 yield self._take(item)
         finally:
             if not self.ended.is_set():
                 self.cancel()
-                self.ended.wait()
 
     async def astream(self) -> AsyncGenerator[str, None]:
         """`stream()` for an event loop: the engine wakes this reader through the loop, no thread blocks."""
@@ -108,13 +107,9 @@ class Request:
                 if item is _END:
                     return
                 yield self._take(item)
-        finally:
+        finally:  # nothing awaited here: a reader cancelled by a cancel scope would be cancelled again
             if not self.ended.is_set():
                 self.cancel()
-                while not self.ended.is_set():  # the engine ends it at its next step, and puts the end
-                    ready.clear()
-                    if not self.ended.is_set():
-                        await ready.wait()
             self._notify = lambda: None
 
     def _take(self, item: str | BaseException | None) -> str:

@@ -13,10 +13,10 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from chatrt.async_runtime import AsyncChatRuntime, AsyncSession
+from chatrt.async_runtime import AsyncChatRuntime
 from chatrt.config import ServeConfig
 from chatrt.errors import (
     ChatrtError,
@@ -41,9 +41,11 @@ from chatrt.errors import (
     TooManySessions,
 )
 from chatrt.serve import wire
-from chatrt.serve.stateless import Conversations
+from chatrt.serve.stateless import Conversations, digest
+from chatrt.session import Session
 from chatrt.stats import TurnStats
 from chatrt.template import Message
+from chatrt.turn import AsyncTurn
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("chatrt")
@@ -90,6 +92,7 @@ class Server:
         self.model_id = config.model_name or self.rt.lm.info.name
         self.limit = self.rt.config.engine.max_batch + config.max_waiting
         self.in_flight = 0
+        self._admission = threading.Lock()
         self.conversations = Conversations(config.stateless_sessions)
 
     # -- requests in -------------------------------------------------------------------------------
@@ -122,27 +125,52 @@ class Server:
 
     def admit(self) -> None:
         """Count a request in, or refuse it with 503 when the engine's batch and queue are full. Every admitted
-        request is counted out by `release`, once."""
-        if self.in_flight >= self.limit:
-            raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server takes; "
-                            "retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
-        self.in_flight += 1
+        request is counted out by `release`, once (from the thread that finished its turn)."""
+        with self._admission:
+            if self.in_flight >= self.limit:
+                raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server "
+                                "takes; retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
+            self.in_flight += 1
 
     def release(self) -> None:
-        self.in_flight -= 1
+        with self._admission:
+            assert self.in_flight > 0
+            self.in_flight -= 1
 
     # -- which session answers -------------------------------------------------------------------
 
-    async def resolve(self, req: wire.ChatRequest, header: str | None) -> tuple[AsyncSession, str, bool]:
+    async def open_turn(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, AsyncTurn]:
+        """The turn that answers this request, not begun yet. Found or opened on a worker thread, as a task of
+        its own: a client that leaves meanwhile still has its turn finished (a stateless session given back)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_turn, req, header))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_abandon)
+            raise
+
+    def _open_turn(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, AsyncTurn]:
+        session, text, stateless = self.resolve(req, header)
+        try:
+            turn = session.stream(text, **req.options())
+        except BaseException:
+            if stateless:
+                self.give_back(session, session.messages)
+            raise
+        if stateless:  # indexed again once the turn has finished, under what it recorded
+            turn.add_done_callback(lambda t: self.give_back(session, t.transcript))
+        return session, AsyncTurn(turn)
+
+    def resolve(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, str, bool]:
         """The session that answers this request, the user message to send it, and whether it is a stateless
-        client's (given back to the index when the turn ends)."""
+        client's (given back to the index when its turn has finished). Blocks (Redis may be asked)."""
         messages = [_message(m) for m in req.messages]
         if messages[-1].role != "user":
             raise HTTPError(400, "the last message must be the user's", "invalid_request_error")
         session_id = header or req.session_id
         if session_id is not None:
-            session = await self.art.session(session_id)
-            held = [Message(role=m.role, content=m.content) for m in session.sync.transcript]
+            session = self.rt.session(session_id)
+            held = [Message(role=m.role, content=m.content) for m in session.transcript]
             if len(messages) > 1 and messages[:-1] != held:
                 raise HTTPError(400, f"the messages do not continue session {session_id}: with a session id, send "
                                 "only the new user message", "invalid_request_error")  # fmt: skip
@@ -152,30 +180,26 @@ class Server:
         claimed = self.conversations.claim(system, history)
         if claimed is not None:
             with contextlib.suppress(SessionNotFound, SessionClosed):
-                session = await self.art.session(claimed)
-                if not session.sync.closed:
+                session = self.rt.session(claimed)
+                if not session.closed and digest(session.system_prompt, session.messages) == digest(system, history):
                     return session, messages[-1].content, True
-        session = await self.art.open_session(system, messages=history)
+                self.give_back(session, session.messages)  # used by id meanwhile: it holds another conversation
+        session = self.rt.open_session(system, messages=history)
         return session, messages[-1].content, True
 
-    async def give_back(self, session: AsyncSession) -> None:
-        """A stateless client's turn ended: its session can be matched again; the oldest beyond capacity close."""
-        sync = session.sync
-        if sync.closed:
+    def give_back(self, session: Session, transcript: list[Message] | None) -> None:
+        """A stateless client's turn has finished and let its session go: it can be matched again under the
+        transcript that turn left; the oldest beyond capacity are closed. Blocks (closing asks Redis)."""
+        if session.closed or transcript is None:
             return
-        for session_id in self.conversations.give_back(sync.id, sync.system_prompt, sync.messages):
+        for session_id in self.conversations.give_back(session.id, session.system_prompt, transcript):
             with contextlib.suppress(ChatrtError):
-                await (await self.art.session(session_id)).close()
+                self.rt.session(session_id).close()
 
     # -- replies out -------------------------------------------------------------------------------
 
-    async def complete(self, req: wire.ChatRequest, header: str | None) -> wire.ChatCompletion:
-        session, text, stateless = await self.resolve(req, header)
-        try:
-            reply = await session.send(text, **req.options())
-        finally:
-            if stateless:
-                await self.give_back(session)
+    async def complete(self, session: Session, turn: AsyncTurn) -> wire.ChatCompletion:
+        reply = await turn.result()
         return wire.ChatCompletion(
             id=wire.completion_id(),
             created=wire.now(),
@@ -191,17 +215,13 @@ class Server:
             chatrt=wire.TurnInfo.model_validate(reply.stats.model_dump()),
         )
 
-    async def stream(self, req: wire.ChatRequest, header: str | None) -> AsyncIterator[dict[str, str]]:
-        """The reply as SSE events. The turn starts (and a bad request fails with its status) before the
-        response does; a client that disconnects cancels the turn, which keeps what was sent as the reply."""
-        session, text, stateless = await self.resolve(req, header)
-        pieces = session.stream(text, **req.options())
+    async def stream(self, session: Session, turn: AsyncTurn, req: wire.ChatRequest) -> AsyncIterator[dict[str, str]]:
+        """The reply as SSE events. The turn begins (and a bad request fails with its status) before the response
+        does; a client that disconnects stops the turn, which keeps what was sent as the reply."""
         try:
-            first = await anext(pieces, None)
+            first = await anext(turn, None)
         except BaseException:
-            await pieces.aclose()
-            if stateless:
-                await self.give_back(session)
+            await turn.aclose()
             raise
         cid, created = wire.completion_id(), wire.now()
 
@@ -212,27 +232,35 @@ class Server:
             return {"data": body.model_dump_json(exclude_none=use is None)}
 
         async def events() -> AsyncIterator[dict[str, str]]:
-            before = session.last_turn
             try:
                 yield chunk(wire.Delta(role="assistant", content=""))
                 if first is not None:
                     yield chunk(wire.Delta(content=first))
-                    async for piece in pieces:
+                    async for piece in turn:
                         yield chunk(wire.Delta(content=piece))
-                turn = session.last_turn
-                assert turn is not None and turn is not before
-                yield chunk(wire.Delta(), wire.finish_reason(turn.finish_reason))
+                reply = await turn.result()  # finished: the recorded reply and its stats
+                yield chunk(wire.Delta(), wire.finish_reason(reply.stats.finish_reason))
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk(wire.Delta(), use=usage(turn))
+                    yield chunk(wire.Delta(), use=usage(reply.stats))
                 yield {"data": "[DONE]"}
             except ChatrtError as e:  # after the response started: the error is the stream's last event
                 yield {"data": http_error(e).body().model_dump_json()}
             finally:
-                await pieces.aclose()  # a disconnect lands here: the turn ends and is recorded first
-                if stateless:
-                    await self.give_back(session)
+                await turn.aclose()  # a disconnect lands here: the turn finishes on its own task
 
         return events()
+
+
+def _abandon(opening: asyncio.Future[tuple[Session, AsyncTurn]]) -> None:
+    """A turn opened for a client that left before it was handed over: finish it unread (its session given
+    back), on a task of its own."""
+    if not opening.cancelled() and opening.exception() is None:
+        _, turn = opening.result()
+        _background.add(task := asyncio.ensure_future(turn.aclose()))
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[None]] = set()  # tasks nobody awaits, kept referenced until done
 
 
 def usage(turn: TurnStats) -> wire.Usage:
@@ -314,39 +342,21 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             raise HTTPError(404, message, "invalid_request_error", "model_not_found")
         header = request.headers.get(SESSION_HEADER)
         server.admit()
-        if not req.stream:
-            try:
-                return (await server.complete(req, header)).model_dump()
-            finally:
-                server.release()
         try:
-            events = await server.stream(req, header)
+            session, turn = await server.open_turn(req, header)
         except BaseException:
             server.release()
             raise
-
-        finished = False
-
-        async def finish() -> None:
-            """End the turn (recorded as far as it was sent) and count the request out, once."""
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            with anyio.CancelScope(shield=True):  # a disconnect cancels this task: the turn is still recorded
-                await events.aclose()  # type: ignore[attr-defined]
-            server.release()
-
-        async def counted() -> AsyncIterator[dict[str, str]]:
+        turn.sync.add_done_callback(lambda _: server.release())  # counted out once its turn has finished
+        if not req.stream:
             try:
-                async for event in events:
-                    yield event
+                return (await server.complete(session, turn)).model_dump()
             finally:
-                await finish()
-
-        # The background task runs after the response, however it ended: also when the client left before
-        # the stream was ever iterated (then `counted` never started, and its finally would never run).
-        return EventSourceResponse(counted(), ping=15, background=BackgroundTask(finish))
+                await turn.aclose()
+        events = await server.stream(session, turn, req)
+        # The background task runs after the response, however it ended: also when the client left before the
+        # stream was ever iterated (then the events' own finally never runs).
+        return EventSourceResponse(events, ping=15, background=BackgroundTask(turn.aclose))
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:

@@ -1,0 +1,407 @@
+"""A turn: one user message answered, as one object that always ends, exactly once.
+
+    begin   hold the session (its lock, its lease), render the prompt, check its cache out of the tiers, pick
+            the longest cached start, submit the request to the engine        (blocking: a thread runs it)
+    pieces  read the request's channel: `for piece in turn` (a thread) or `async for piece in AsyncTurn`
+    finish  end the request, cut the reply to what the reader received, record it, check the cache in, let
+            the session go; then the done-callbacks, the stats, and the ladder settling (other sessions' moves)
+
+However it ends (read to the end, a stop string, closed early, cancelled, failed, a client gone, a cancel scope
+around the reader), `finish` runs once and only then can anyone else have the session. Its result stays on the
+turn: `turn.reply` (text, ids, TurnStats), `turn.error`, and `turn.transcript`, the session's messages as this
+turn left them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from chatrt.cache.reuse import Reuse, reuse
+from chatrt.cache.tiers import Checkout
+from chatrt.config import OTHER_NAMES, Config, GenerationConfig, TurnOptions
+from chatrt.engine import Generation, Request
+from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage
+from chatrt.stats import TurnStats
+from chatrt.template import Message, check_text
+
+if TYPE_CHECKING:
+    from chatrt.session import Session
+
+Plan = Callable[[list[Message]], tuple[list[Message], Message]]
+"""From the session's history when the turn starts: the history to keep and the user message to answer."""
+
+
+class Reply(BaseModel):
+    text: str
+    token_ids: tuple[int, ...]
+    """The ids the model generated for this reply (the end-of-turn token and a stop string's tokens excluded)."""
+    stats: TurnStats
+
+
+# -- the three kinds of turn: checked when asked for, planned when the turn starts -------------------------
+
+
+def send_plan(text: str) -> Plan:
+    user = user_message(text)
+    return lambda history: (history, user)
+
+
+def regenerate_plan(messages: list[Message]) -> Plan:
+    before_last_turn(messages)
+    return lambda history: (before_last_turn(history), history[-2])
+
+
+def edit_plan(messages: list[Message], text: str) -> Plan:
+    user = user_message(text)
+    before_last_turn(messages)
+    return lambda history: (before_last_turn(history), user)
+
+
+def user_message(text: str) -> Message:
+    if not check_text(text, "a message").strip():
+        raise InvalidMessage("the message is empty; type something to send")
+    return Message(role="user", content=text)
+
+
+def before_last_turn(history: list[Message]) -> list[Message]:
+    if len(history) < 2 or history[-1].role != "assistant":
+        raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
+    return history[:-2]
+
+
+def generation_params(config: Config, options: TurnOptions | dict[str, Any]) -> GenerationConfig:
+    """The runtime's generation defaults with this turn's options over them, checked."""
+    for name in options:
+        if name in OTHER_NAMES:
+            raise ConfigError(f"unknown generation option {name!r}: chatrt calls it {OTHER_NAMES[name]!r}")
+    try:
+        return GenerationConfig.model_validate({**config.generation.model_dump(), **options})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid generation option: {problems}") from None
+
+
+# -- the turn ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """What a begun turn holds until it finishes."""
+
+    request: Request
+    history: list[Message]
+    user: Message
+    prompt: list[int]
+    taken: Checkout
+    start: Reuse
+    dropped: int
+    hold: contextlib.ExitStack
+    """The session's lock and lease: let go in `finish`, after the reply is recorded and the cache checked in."""
+
+
+State = Literal["new", "running", "finished"]
+
+
+class Turn:
+    """One turn of `session`, read by a thread: iterate it for the reply's pieces (the first `next` begins it);
+    stopping early (`close()`, or leaving a `with` block) keeps the text received so far as the reply, finish
+    reason 'cancelled'. `result()` reads it to the end and returns the Reply."""
+
+    def __init__(self, session: Session, plan: Plan, params: GenerationConfig) -> None:
+        self.session, self.plan, self.params = session, plan, params
+        self.state: State = "new"
+        self.reply: Reply | None = None
+        """The recorded reply, once finished (None when the turn failed or never began)."""
+        self.error: BaseException | None = None
+        """Why the turn failed, once finished (the reply was then not recorded)."""
+        self.transcript: list[Message] | None = None
+        """The session's messages as this turn left them (recorded or not), once finished."""
+        self._running: Running | None = None
+        self._pieces: Generator[str, None, None] | None = None
+        self._lock = threading.Lock()  # one finish; a second caller waits for the first
+        self._callbacks: list[Callable[[Turn], None]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    @property
+    def request(self) -> Request:
+        """The engine request of a begun turn."""
+        assert self._running is not None, "the turn has not begun"
+        return self._running.request
+
+    def add_done_callback(self, fn: Callable[[Turn], None]) -> None:
+        """Call `fn(turn)` once the turn has finished and let the session go (at once if it already has), on
+        the thread that finished it."""
+        with self._lock:
+            if not self.finished:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # -- reading it from a thread ------------------------------------------------------------------
+
+    def __iter__(self) -> Turn:
+        return self
+
+    def __next__(self) -> str:
+        if self.finished:
+            raise StopIteration
+        if self._pieces is None:
+            self.begin(thread=threading.get_ident())
+            self._pieces = self.request.stream()
+        if self.session.closing:  # close() on another thread: stop at this piece
+            self.finish()
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self.finish()
+        except BaseException as e:
+            self.finish(failed=e)
+            raise
+        if self.error is not None:
+            raise self.error
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop here: the text received so far is the reply (a turn never begun is finished unrecorded)."""
+        self.finish()
+
+    def __enter__(self) -> Turn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def result(self) -> Reply:
+        """Read the reply to its end; raises what the turn failed with."""
+        for _ in self:
+            pass
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+    # -- its phases ------------------------------------------------------------------------------
+
+    def begin(self, thread: int | None) -> None:
+        """Hold the session, take its cache, submit the request (blocks: the lock, the lease, maybe Redis).
+        `thread`: the thread that reads it (None: an event loop). A turn that cannot begin is finished with
+        the error, which is raised."""
+        assert self.state == "new", "a turn begins once"
+        session, p = self.session, self.session.parts
+        hold = contextlib.ExitStack()
+        try:
+            hold.enter_context(session.hold(self, thread))
+            started = time.perf_counter()
+            history, user = self.plan(list(session.messages))
+            history, prompt, dropped = fit(session, history, user, self.params)
+            taken = p.tiers.checkout(session.id)  # pinned until checked in
+            try:
+                start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.tiers, p.engine.compute_kv)
+                gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], self.params, started=started)
+                request = p.engine.submit(gen)  # the engine loop runs it, batched with other turns
+            except BaseException:
+                p.tiers.checkin(session.id, None)
+                raise
+        except BaseException as e:
+            hold.close()
+            with self._lock:
+                self.error, self.transcript = e, list(session.messages)
+                callbacks = self._mark_finished()
+            for fn in callbacks:
+                fn(self)
+            raise
+        self._running = Running(request, history, user, prompt, taken, start, dropped, hold)
+        self.state = "running"
+
+    def finish(self, *, failed: BaseException | None = None, record: bool = True) -> None:
+        """End the turn, once (a second call waits for the first): the request ends, the reply is cut to what
+        the reader received and recorded (not when `failed`, or not `record`), the cache checked in, the
+        session let go; then the done-callbacks, the turn's stats, and the ladder settles. Blocks."""
+        with self._lock:
+            if self.state == "finished":
+                return
+            if self.state == "running":
+                self._end(failed, record)
+            else:  # never begun: nothing to end, the session was never held
+                self.transcript = list(self.session.messages)
+            callbacks = self._mark_finished()
+        for fn in callbacks:
+            fn(self)
+        p = self.session.parts
+        if self.reply is not None:  # metrics, the turn's log line, stats published to Redis: the session is free
+            p.recorder.record(self.reply.stats, self._running.user.content, self.reply.text)  # type: ignore[union-attr]
+        p.tiers.settle()  # other sessions' caches move down here, holding no session and no lock
+
+    def _end(self, failed: BaseException | None, record: bool) -> None:
+        running = self._running
+        assert running is not None
+        session, p = self.session, self.session.parts
+        request, gen = running.request, running.request.gen
+        if not request.ended.is_set():  # its reader stopped first
+            request.cancel()
+            request.ended.wait()
+        try:
+            if failed is None and record:
+                gen.cut(request.delivered)
+                self._record(gen, running)
+        except BaseException as e:  # a conflict with another process's write: the turn's error
+            self.error = e
+        finally:
+            keep = p.config.session.reuse and not session.closed
+            p.tiers.checkin(session.id, gen.kv if keep else None)
+            self.transcript = list(session.messages)
+            running.hold.close()
+        if failed is not None:
+            self.error = failed
+
+    def _mark_finished(self) -> list[Callable[[Turn], None]]:
+        """Caller holds self._lock. Returns the callbacks to run once it is released."""
+        self.state = "finished"
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks
+
+    def _record(self, gen: Generation, r: Running) -> None:
+        ids = tuple(gen.token_ids)
+        # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
+        exact = self.session.template.decode(ids) == gen.text
+        reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
+        prefilled = len(r.prompt) - r.start.session_tokens - r.start.prefix_tokens
+        self.session.parts.tiers.cost.observe("prefill", prefilled, gen.prefill_s + r.start.prefix_s)
+        stats = TurnStats(
+            session_id=self.session.id,
+            prompt_tokens=len(r.prompt),
+            reused_session_tokens=r.start.session_tokens,
+            reused_prefix_tokens=r.start.prefix_tokens,
+            prefilled_tokens=prefilled,
+            generated_tokens=len(ids),
+            ttft_s=gen.ttft_s,
+            prefill_s=gen.prefill_s + r.start.prefix_s,
+            decode_s=gen.decode_s,
+            decode_tokens_per_s=gen.decode_tokens_per_s,
+            e2e_s=gen.ended_at - gen.started if gen.ended_at else 0.0,
+            finish_reason=gen.finish_reason,
+            kv_source=r.taken.source,
+            restore_s=r.taken.restore_s,
+            kv_decision=r.taken.rejected or (r.taken.choice.reason if r.taken.choice else ""),
+            dropped_turns=r.dropped,
+        )
+        self.reply = Reply(text=gen.text, token_ids=ids, stats=stats)
+        self.session.commit([*r.history, r.user, reply], stats, gen.kv)
+
+
+class AsyncTurn:
+    """A Turn read by an event loop: `async for piece in turn`, `await turn.result()`, `await turn.aclose()`.
+    Its blocking phases run on worker threads as tasks of their own: a reader cancelled at any await (a task
+    cancel, a framework's cancel scope) leaves, and the turn still finishes, once, before the session is free."""
+
+    def __init__(self, turn: Turn) -> None:
+        self.sync = turn
+        self._beginning: asyncio.Future[None] | None = None
+        self._ending: asyncio.Future[None] | None = None
+        self._pieces: AsyncGenerator[str, None] | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        return self.sync.reply
+
+    def __aiter__(self) -> AsyncTurn:
+        return self
+
+    async def __anext__(self) -> str:
+        turn = self.sync
+        if turn.finished or self._ending is not None:
+            raise StopAsyncIteration
+        if self._pieces is None:
+            self._beginning = asyncio.ensure_future(asyncio.to_thread(turn.begin, None))
+            try:
+                await asyncio.shield(self._beginning)
+            except asyncio.CancelledError:  # it may begin anyway: then it ends unrecorded
+                await self._finish(record=False)
+                raise
+            self._pieces = turn.request.astream()
+        if turn.session.closing:  # closed meanwhile: stop at this piece
+            await self._finish()
+            raise StopAsyncIteration
+        try:
+            return await anext(self._pieces)
+        except StopAsyncIteration:
+            await self._finish()
+        except (asyncio.CancelledError, GeneratorExit):  # the reader stopped: what it received is the reply
+            await self._finish()
+            raise
+        except BaseException as e:
+            await self._finish(failed=e)
+            raise
+        if turn.error is not None:
+            raise turn.error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop here: the text received so far is the reply."""
+        await self._finish()
+
+    async def __aenter__(self) -> AsyncTurn:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def result(self) -> Reply:
+        async for _ in self:
+            pass
+        await self._finish()
+        if self.sync.error is not None:
+            raise self.sync.error
+        assert self.sync.reply is not None
+        return self.sync.reply
+
+    async def _finish(self, *, failed: BaseException | None = None, record: bool = True) -> None:
+        """Start the finish as a task of its own (before anything is awaited, so a cancelled caller still
+        starts it) and wait for it; a caller cancelled meanwhile leaves, and the finish goes on."""
+        if self._ending is None:
+            self._ending = asyncio.ensure_future(self._end(failed, record))
+        await asyncio.shield(self._ending)
+
+    async def _end(self, failed: BaseException | None, record: bool) -> None:
+        if self._beginning is not None:
+            with contextlib.suppress(Exception):  # a turn that failed to begin is already finished
+                await self._beginning
+        if self._pieces is not None:
+            with contextlib.suppress(RuntimeError):  # still running in a reader that was cancelled: it ends there
+                await self._pieces.aclose()  # no await in its cleanup: the request is only told to cancel
+        await asyncio.to_thread(self.sync.finish, failed=failed, record=record)
+
+
+def fit(session: Session, history: list[Message], user: Message, params: GenerationConfig) -> tuple[
+    list[Message], list[int], int
+]:  # fmt: skip
+    """The history to keep and the prompt, within the session's token limit. With `overflow = "drop_oldest"`
+    the oldest turns (user message and reply) go first; returns how many turns were dropped."""
+    p = session.parts
+    cfg, model_limit = p.config.session, p.info.max_context
+    limit = min(cfg.max_tokens, model_limit) if cfg.max_tokens else model_limit
+    dropped = 0
+    while True:
+        prompt = p.template.render([*session.head, *history, user])
+        if len(prompt) + params.max_new_tokens <= limit:
+            return history, prompt, dropped
+        if cfg.overflow != "drop_oldest" or len(history) < 2:
+            what = "the session's max_tokens" if limit < model_limit else "the model's context"
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, more than "
+                f"{what} of {limit}; send a shorter message, ask for fewer new tokens, start a new session, "
+                "or set session.overflow = 'drop_oldest'"
+            )
+        history, dropped = history[2:], dropped + 1
