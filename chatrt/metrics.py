@@ -122,6 +122,8 @@ class _StatsCollector(Collector):
                        "prefix_cache_hits)", s.reused_tokens)  # fmt: skip
         yield GaugeMetricFamily(f"{PREFIX}_requests_running", "Turns in the engine's batch", value=s.requests_running)
         yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "Turns queued for the engine", value=s.requests_waiting)
+        yield _counter("preemptions", "Running turns parked on the host because the batch outgrew the device "
+                       "budget (vLLM's num_preemptions)", s.preemptions)  # fmt: skip
         reused = CounterMetricFamily(f"{PREFIX}_reused_tokens", "Prompt tokens served from a cache", labels=["source"])
         reused.add_metric(["session"], s.reused_session_tokens)
         reused.add_metric(["prefix"], s.reused_prefix_tokens)
@@ -203,6 +205,7 @@ def parse(text: str) -> RuntimeStats:
         redis="off" if up is None else "ok" if up else "down",
         requests_running=get("requests_running"),
         requests_waiting=get("requests_waiting"),
+        preemptions=get("preemptions_total"),
         turns=get("turns_total"),
         prompt_tokens=get("prompt_tokens_total"),
         reused_session_tokens=get("reused_tokens_total", "session"),

@@ -199,6 +199,7 @@ class ChatRuntime:
             redis="off" if self.store is None else "ok" if self.store.up else "down",
             requests_running=running,
             requests_waiting=waiting,
+            preemptions=self.engine.preemptions,
         )
 
     def publish_stats(self) -> None:

@@ -124,6 +124,8 @@ class RuntimeStats(TokenTotals):
     """Turns in the engine's batch now."""
     requests_waiting: int = 0
     """Turns queued for the engine (the batch is full, or their KV does not fit the device yet)."""
+    preemptions: int = 0
+    """Running turns parked on the host because the batch's KV outgrew tiers.device_bytes (they resume first)."""
 
 
 class DeploymentStats(BaseModel):

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -261,3 +262,21 @@ def test_chatrt_stats_on_an_endpoint_loads_no_model_stack(served):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("[]")
+
+
+def test_preemptions_are_counted_in_the_stats_and_exported(tiny_lm):
+    """Four turns whose KV outgrows tiers.device_bytes together: the engine parks the newest on the host, and an
+    operator sees how often (vLLM's num_preemptions)."""
+    budget = 200 * tiny_lm.info.kv_bytes_per_token  # two ~83-token prompts fit, and not their replies
+    config = Config().with_values(generation={"max_new_tokens": 40}, engine={"max_batch": 4},
+                                  tiers={"device_bytes": budget})  # fmt: skip
+    with ChatRuntime(tiny_lm, config) as rt:
+        turns = [rt.open_session().stream(" ".join(["story"] * 50) + f" number {n}") for n in range(4)]
+        with ThreadPoolExecutor(4) as pool:  # all four in the engine at once
+            replies = list(pool.map(lambda turn: turn.result(), turns))
+        assert all(r.stats.generated_tokens > 20 for r in replies)
+        stats = rt.stats()
+        assert stats.preemptions == rt.engine.preemptions > 0
+        m = {s.name: s.value for f in text_string_to_metric_families(rt.metrics.exposition().decode())
+             for s in f.samples}  # fmt: skip
+        assert m["chatrt_preemptions_total"] == stats.preemptions
