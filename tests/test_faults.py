@@ -19,7 +19,7 @@ from chatrt.cache.kv import KV, to_chunks
 from chatrt.cache.record import SessionRecord
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionLeased, SessionNotFound
 from chatrt.redis_server import RedisServer
-from tests.conftest import tiered, tiny_llama
+from tests.conftest import threaded, tiered, tiny_llama
 from tests.test_session import assert_exact, random_message
 
 
@@ -189,16 +189,54 @@ def test_a_redis_stall_during_a_demotion_holds_up_no_other_thread(tiny_lm, serve
             mover = threading.Thread(target=rt.tiers.demote, args=("slow",))
             mover.start()
             deadline = time.monotonic() + 10
-            while "slow" not in rt.tiers._ladder.moving and time.monotonic() < deadline:
+            while not rt.tiers.moving("slow") and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert rt.stats().tiers["redis"].sessions == 0  # answered while the write still waits on Redis
-            assert "slow" in rt.tiers._ladder.moving and mover.is_alive()
+            assert rt.tiers.moving("slow") and mover.is_alive()
         finally:
             server.resume()
         mover.join(timeout=30)
         assert s.tier == "redis" and rt.stats().tier_counters.redis_errors == 0
         assert_exact(s, s.send("and again"), 12)
         assert_exact(other, other.send("hi"), 12)
+
+
+def test_a_sessions_next_turn_completes_while_redis_stalls_a_demotion_its_last_turn_caused(tiny_lm, redis_url,
+                                                                                           monkeypatch):
+    """A session's hold covers nobody else's I/O. Session a's turn ends and the ladder sends b's cache down to
+    Redis, where the write stalls: the thread that ended a's turn waits on it, but a is free (its next turn
+    completes on another thread), and so is every other session, even one whose turn puts a cache over the host
+    budget (the thread already settling the ladder takes that move on)."""
+    with tiered(tiny_lm, redis_url, device_sessions=1, host_sessions=1) as rt:
+        a, b, c, d = (rt.open_session(session_id=name) for name in "abcd")
+        b.send("hello")
+        c.send("hi")
+        assert (b.tier, c.tier) == ("host", "device")
+        stall, put_kv = threading.Event(), rt.store.put_kv
+
+        def stalled(session_id, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            if session_id == "b":
+                stall.wait(30)  # Redis takes its time with b's chunks
+            return put_kv(session_id, *args, **kwargs)
+
+        monkeypatch.setattr(rt.store, "put_kv", stalled)
+        first = threading.Thread(target=a.send, args=("first",))  # c to the host, b to Redis: the write stalls
+        first.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not rt.tiers.moving("b") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert rt.tiers.moving("b") and first.is_alive()
+            assert_exact(a, threaded(lambda: a.send("second"), timeout=10), 12)
+            assert_exact(d, threaded(lambda: d.send("third"), timeout=10), 12)  # a to the host, c to Redis: queued
+            assert first.is_alive() and rt.tiers.moving("b")
+        finally:
+            stall.set()
+        first.join(timeout=30)
+        assert not first.is_alive()
+        assert (b.tier, c.tier, a.tier, d.tier) == ("redis", "redis", "host", "device")
+        for s in (a, b, c, d):
+            assert_exact(s, s.send("and again"), 12)
 
 
 def forge(client, session_id: str, sealer=None, *, tensors=None, meta=None, messages=None) -> None:

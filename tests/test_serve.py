@@ -213,3 +213,32 @@ def test_the_bundled_model_served_answers_as_the_python_api_does(bundled_runtime
                 want.stats.reused_session_tokens + (want.stats.reused_prefix_tokens if n else 0)
             )
             messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+
+
+def test_a_stop_string_before_any_text_ends_the_reply_empty_streamed_and_not(server, client, tiny_lm):
+    """The first piece of the reply holds the stop string: a finish chunk with finish_reason "stop" and [DONE]
+    (streamed), an empty reply with no completion tokens, and the session's next turn exact."""
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        stop = next(iter(rt.open_session().stream("Hi!")))
+    assert stop
+    model = model_id(client)
+    plain = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi!"}], stop=[stop])
+    assert plain.choices[0].message.content == "" and plain.choices[0].finish_reason == "stop"
+    assert plain.usage.completion_tokens == 0
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi!"}], "stop": [stop], "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server}/chat/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == ""
+    assert [c["choices"][0].get("finish_reason") for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+    held = httpx.get(f"{server}/sessions/{chunks[-1]['session_id']}").json()
+    assert held["messages"] == [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": ""}]
+    messages = [*held["messages"], {"role": "user", "content": "Go on"}]
+    again = client.chat.completions.create(model=model, messages=messages)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the session that holds it answered
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        s = rt.open_session(messages=held["messages"])
+        assert again.choices[0].message.content == s.send("Go on").text

@@ -38,3 +38,13 @@ def test_a_deleted_session_can_no_longer_be_claimed():
     c.give_back("s1", None, turns("a", "b"))
     c.discard("s1")
     assert c.claim(None, turns("a", "b")) is None
+
+
+def test_a_session_whose_transcript_a_newer_one_holds_too_is_handed_back_to_be_closed():
+    """Two clients sent the same first message and got the same greedy reply: only one session can be found
+    under that transcript, so the other would stay open, unclaimable, for ever."""
+    c = Conversations(capacity=8)
+    assert c.give_back("s1", None, turns("a", "b")) == []
+    assert c.give_back("s2", None, turns("a", "b")) == ["s1"]
+    assert c.give_back("s2", None, turns("a", "b")) == []  # given back again under the same: nothing to close
+    assert c.claim(None, turns("a", "b")) == "s2" and len(c) == 0

@@ -135,6 +135,11 @@ class Tiers:
                 return tier
             return self._ladder.moving.get(session_id, "none")
 
+    def moving(self, session_id: str) -> bool:
+        """Whether the session's cache is on its way down now (taken off a tier, not yet landed)."""
+        with self._lock:
+            return session_id in self._ladder.moving
+
     def kv_meta(self, session_id: str) -> KVMeta | None:
         """What the session's Redis chunks hold, when its KV is on the Redis tier (for its record)."""
         with self._lock:

@@ -5,8 +5,10 @@ prefilled. vLLM and SGLang get there block by block through their prefix caches;
 KV, exact to the token.
 
 Sessions are indexed by a sha256 of their transcript's roles and texts while idle; a request claims one (so
-two requests never share it), and gives it back, under its new transcript, when its turn ends. Beyond
-`capacity` idle sessions, the least recently used are handed back to be closed.
+two requests never share it), and gives it back, under the transcript its turn recorded, once that turn has
+finished. Beyond `capacity` idle sessions, the least recently used are handed back to be closed, and so is a
+session whose transcript another one given back later holds too: every open stateless session is either
+running a turn or in the index.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class Conversations:
         for the caller to close."""
         key = digest(system_prompt, messages)
         with self._lock:
-            self._idle.pop(key, None)  # an identical conversation held by another session: the newer one wins
-            self._idle[key] = session_id
             evicted = []
+            held = self._idle.pop(key, None)
+            if held is not None and held != session_id:  # an identical conversation in another session: the
+                evicted.append(held)  # newer one is kept, the other closed (never indexed, it could never be claimed)
+            self._idle[key] = session_id
             while len(self._idle) > self.capacity:
                 evicted.append(self._idle.popitem(last=False)[1])
             return evicted
