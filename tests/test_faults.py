@@ -214,7 +214,7 @@ def test_a_sessions_next_turn_completes_while_redis_stalls_a_demotion_its_last_t
         assert (b.tier, c.tier) == ("host", "device")
         stall, put_kv = threading.Event(), rt.store.put_kv
 
-        def stalled(session_id, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        def stalled(session_id, *args, **kwargs):
             if session_id == "b":
                 stall.wait(30)  # Redis takes its time with b's chunks
             return put_kv(session_id, *args, **kwargs)

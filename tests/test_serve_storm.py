@@ -35,7 +35,7 @@ class Answer:
 class Greedy:
     """Plain transformers' greedy reply to a conversation, computed once per prompt."""
 
-    def __init__(self, lm) -> None:  # noqa: ANN001
+    def __init__(self, lm) -> None:
         self.lm, self.template = lm, ChatTemplate(lm.tokenizer)
         self.known: dict[tuple[int, ...], tuple[int, ...]] = {}  # prompt → greedy reply ids
         self.spelled: dict[str, tuple[int, ...]] = {}  # a greedy reply's text → its ids
@@ -70,9 +70,10 @@ class Greedy:
         assert gap < 1e-3, f"not a near-tie: {text!r} vs {decode(self.lm.tokenizer, want)!r} (gap {gap:.3f})"
 
 
-async def turn(http: httpx.AsyncClient, messages: list[dict[str, str]], leave_after: int | None = None) -> Answer | None:
+async def turn(http: httpx.AsyncClient, messages: list[dict], leave_after: int | None = None) -> Answer | None:
     """One streamed turn. `leave_after`: the client disconnects after that many content events."""
-    body = {"model": http.headers["x-model"], "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": http.headers["x-model"], "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     text, usage, session_id, events = "", {}, "", 0
     async with http.stream("POST", "/chat/completions", json=body) as response:
         response.raise_for_status()
