@@ -88,6 +88,8 @@ class PrefixConfig(_Section):
     max_entries: int = Field(64, ge=1)
     max_bytes: ByteSize = ByteSize(512 * 2**20)
     """Unreferenced prefixes are evicted, least recently used first, above either limit."""
+    wait_s: float = Field(30.0, gt=0)
+    """How long a turn waits for another to compute or load the prefix it needs before computing its own copy."""
 
 
 class SessionConfig(_Section):

@@ -80,6 +80,7 @@ class ChatRuntime:
             lm.info.fingerprint,
             max_entries=self.config.prefix.max_entries,
             max_bytes=self.config.prefix.max_bytes,
+            wait_s=self.config.prefix.wait_s,
             on_evict=self.tiers.spill_prefix,
         )
         self.metrics = Metrics(self.stats, {"model": lm.info.name, "dtype": lm.info.dtype, "device": lm.info.device})

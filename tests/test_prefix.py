@@ -4,7 +4,10 @@ import hashlib
 import threading
 import time
 
+import torch
+
 import chatrt.cache.prefix
+from chatrt.cache.kv import KV
 from chatrt.cache.prefix import PrefixStore, prefix_hash
 from chatrt.engine import compute_kv
 
@@ -103,3 +106,34 @@ def test_an_evicted_entry_is_handed_on_outside_the_stores_lock(tiny_lm):
         s.kv(e, lambda ids: compute_kv(tiny_lm, ids))
         s.release(e)
     assert handed == [(prefix_hash("fp", (200, 1)), True)]
+
+
+def test_a_turn_waits_for_another_to_compute_a_prefix_only_so_long_then_computes_its_own():
+    """Only the sessions that need a prefix wait while one computes or loads it, and at most `wait_s`: a load
+    stalled on Redis costs the others a recompute of their own, never a hang."""
+    s = store(wait_s=0.2)
+    entry = s.acquire((1, 2, 3))
+    stalled, done = threading.Event(), threading.Event()
+
+    def stuck(ids):
+        stalled.set()
+        done.wait(30)  # a Redis load that does not answer
+        return fake_kv(ids)
+
+    slow = threading.Thread(target=s.kv, args=(entry, stuck))
+    slow.start()
+    stalled.wait(10)
+    t0 = time.monotonic()
+    kv, hit = s.kv(entry, stuck, fallback=fake_kv)
+    assert time.monotonic() - t0 < 5 and not hit and kv.ids == (1, 2, 3) and entry.kv is None
+    assert s.counters.timeouts == 1
+    other = s.acquire((4, 5))
+    assert s.kv(other, fake_kv)[0].ids == (4, 5)  # another prefix never waits for this one
+    done.set()
+    slow.join()
+    assert entry.kv is not None and entry.kv is not kv  # the first computation is the one kept
+
+
+def fake_kv(ids):
+    layer = torch.zeros(1, 1, len(ids), 2)
+    return KV(tuple(ids), (layer,), (layer,))

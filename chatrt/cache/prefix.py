@@ -28,7 +28,7 @@ class PrefixEntry:
     ids: tuple[int, ...]
     kv: KV | None = None
     refs: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per entry
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per entry, waited for with a bound
 
 
 @dataclass
@@ -36,6 +36,7 @@ class PrefixCounters:
     hits: int = 0  # a turn reused a computed prefix
     misses: int = 0  # a turn had to compute it
     evictions: int = 0
+    timeouts: int = 0  # a turn waited `wait_s` for another to compute or load it, then computed its own copy
 
 
 class PrefixStore:
@@ -45,10 +46,12 @@ class PrefixStore:
         *,
         max_entries: int,
         max_bytes: int,
+        wait_s: float = 30.0,
         on_evict: Callable[[str, KV], None] = lambda key, kv: None,
     ) -> None:
-        """`on_evict(key, kv)` gets each computed entry as it leaves memory (the tiers keep it in Redis)."""
-        self.fingerprint = fingerprint
+        """`on_evict(key, kv)` gets each computed entry as it leaves memory (the tiers keep it in Redis).
+        `wait_s`: how long a turn waits for another to compute or load an entry before computing its own."""
+        self.fingerprint, self.wait_s = fingerprint, wait_s
         self.on_evict = on_evict
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()  # LRU order, oldest first
@@ -74,17 +77,33 @@ class PrefixStore:
             evicted = self._evict()
         self._spill(evicted)
 
-    def kv(self, entry: PrefixEntry, compute: Callable[[tuple[int, ...]], KV]) -> tuple[KV, bool]:
-        """The entry's KV, computing it with `compute(ids)` the first time; returns (kv, was_hit).
+    def kv(
+        self,
+        entry: PrefixEntry,
+        compute: Callable[[tuple[int, ...]], KV],
+        *,
+        fallback: Callable[[tuple[int, ...]], KV] | None = None,
+    ) -> tuple[KV, bool]:
+        """The entry's KV, computing it with `compute(ids)` the first time; returns (kv, was_hit). Only the
+        sessions that need this entry wait while one of them computes it, and for `wait_s` at most: past that
+        (a Redis load stalled, say) the caller computes its own copy with `fallback` (default `compute`), which
+        the entry does not keep.
 
         Side effects: may run `compute` (a prefill) and then evict unreferenced entries over the limits (each
         handed to `on_evict` once the store's lock is released: that may write to Redis).
         """
-        with entry.lock:
+        if not entry.lock.acquire(timeout=self.wait_s):
+            with self._lock:
+                self.counters.misses += 1
+                self.counters.timeouts += 1
+            return (fallback or compute)(entry.ids), False
+        try:
             hit = entry.kv is not None
             if not hit:
                 entry.kv = compute(entry.ids)
                 assert entry.kv.ids == entry.ids
+        finally:
+            entry.lock.release()
         with self._lock:
             self._touch(entry)
             if hit:

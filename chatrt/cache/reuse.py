@@ -47,7 +47,7 @@ def reuse(
         loaded = stored is not None
         return stored if stored is not None else compute(ids)
 
-    prefix_kv, hit = prefixes.kv(entry, fill)
+    prefix_kv, hit = prefixes.kv(entry, fill, fallback=compute)  # past the wait (Redis stalled): own prefill
     prefix_kv = prefix_kv.to(tiers.lm.device)
     if hit or loaded:
         return Reuse(prefix_kv, 0, len(entry.ids))
