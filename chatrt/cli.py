@@ -25,13 +25,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from chatrt import bench_workload, metrics
+from chatrt import metrics
+from chatrt.bench import workload as bench_workload
 from chatrt.config import Config
 from chatrt.errors import ChatrtError, ConfigError, MetricsUnavailable
 from chatrt.stats import DeploymentStats, RuntimeStats
 
 if TYPE_CHECKING:
-    from chatrt import bench
+    from chatrt.bench import reuse as bench
     from chatrt.runtime import ChatRuntime
 
 console = Console()
@@ -164,8 +165,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     _warn_if_loaded()
     import asyncio
 
-    from chatrt import loadtest
     from chatrt.async_runtime import AsyncChatRuntime
+    from chatrt.bench import loadtest
 
     try:
         sizes = [int(n) for n in args.users.split(",")]
@@ -295,7 +296,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.concurrent:
         return _bench_concurrent(args)
     _needs("bench", "matplotlib", "redis")
-    from chatrt import bench, bench_plot
+    from chatrt.bench import plot as bench_plot
+    from chatrt.bench import reuse as bench
 
     preset = bench_workload.load_preset(args.preset)
     given = {f: getattr(args, f) for f in bench.Workload.model_fields if getattr(args, f, None) is not None}
@@ -334,7 +336,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_concurrent(args: argparse.Namespace) -> int:
-    from chatrt import bench_concurrent
+    from chatrt.bench import concurrent as bench_concurrent
 
     try:
         sizes = [int(n) for n in args.concurrent.split(",")]
@@ -478,11 +480,12 @@ def _fetch(url: str) -> str:
 
 def _deployment(url: str, cluster: bool) -> DeploymentStats:
     _needs("redis", "redis")
+    from chatrt.board import Board
     from chatrt.cache.store import RedisStore
 
     store = RedisStore(url, ttl_s=1, lease_s=1, cluster=cluster)
     try:
-        return store.deployment()
+        return Board(store).deployment()
     finally:
         store.close()
 

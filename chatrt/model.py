@@ -24,7 +24,6 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from chatrt.cache.kv import KVSpec
 from chatrt.config import ModelConfig
 from chatrt.errors import ModelLoadError
 
@@ -68,13 +67,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    @property
-    def kv_spec(self) -> KVSpec:
-        """What a cache of this model looks like, for checking stored ones."""
-        i = self.info
-        return KVSpec(i.fingerprint, i.dtype, i.num_layers, i.num_kv_heads, i.head_dim, i.max_context,
-                      i.vocab_size, i.kv_bytes_per_token)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:

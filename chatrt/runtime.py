@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
+    from chatrt.board import Board
     from chatrt.cache.journal import Journal
     from chatrt.cache.store import RedisStore
 
@@ -54,9 +55,12 @@ class ChatRuntime:
         self.template = ChatTemplate(lm.tokenizer)
         tiers = self.config.tiers
         self.store: RedisStore | None = None
+        self.board: Board | None = None
+        """Where this process publishes its stats for operators (with Redis)."""
         if tiers.redis_url:
             try:
-                from chatrt.cache.store import RedisStore  # the Redis client is an optional install
+                from chatrt.board import Board  # the Redis client is an optional install
+                from chatrt.cache.store import RedisStore
             except ImportError:
                 raise ConfigError("tiers.redis_url is set, but the Redis client is not installed: "
                                   "pip install 'chatrt[redis]'") from None  # fmt: skip
@@ -69,6 +73,7 @@ class ChatRuntime:
                 secret=tiers.redis_secret.get_secret_value(),
                 cluster=tiers.redis_cluster,
             )
+            self.board = Board(self.store)
         self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
         self.journal: Journal | None = None
@@ -205,11 +210,11 @@ class ChatRuntime:
 
     def publish_stats(self) -> None:
         """Write this process's stats to Redis for `chatrt stats --redis`; they expire after three periods."""
-        if self.store is None:
+        if self.board is None:
             return
         self._published = time.monotonic()
         try:
-            self.store.put_runtime_stats(self.instance, self.stats(), ttl_s=max(3 * self.config.metrics.publish_s, 30))
+            self.board.publish(self.instance, self.stats(), ttl_s=max(3 * self.config.metrics.publish_s, 30))
         except StoreUnavailable:
             self.tiers.count(redis_errors=1)
 
@@ -224,9 +229,9 @@ class ChatRuntime:
         self.tiers.clear()
         self.prefixes.clear()
         self.metrics.close()
-        if self.store is not None:
+        if self.store is not None and self.board is not None:
             with contextlib.suppress(StoreUnavailable):
-                self.store.delete_runtime_stats(self.instance)
+                self.board.remove(self.instance)
             self.store.close()
 
     def __enter__(self) -> ChatRuntime:

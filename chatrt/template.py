@@ -11,7 +11,6 @@ import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from chatrt.cache.kv import common_prefix_len
 from chatrt.errors import InvalidMessage, TemplateError
 from chatrt.message import Message, Role
 
@@ -115,4 +114,5 @@ class ChatTemplate:
         head = [Message(role="system", content=system_prompt)] if system_prompt is not None else []
         a = self.render([*head, Message(role="user", content="a")])
         b = self.render([*head, Message(role="user", content="b")])
-        return tuple(a[: common_prefix_len(a, b)])
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return tuple(a[:same])

@@ -19,10 +19,12 @@ import httpx
 import pytest
 import redis
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from chatrt import ChatRuntime, Config
-from chatrt.config import ModelConfig
+from chatrt.cache.kv import KV, new_cache
+from chatrt.config import EngineConfig, ModelConfig
+from chatrt.engine import Engine, forward
 from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
 from chatrt.redis_server import redis_server
 
@@ -127,6 +129,17 @@ def reference_reply(
         )
     new = out[0, len(prompt) :].tolist()
     return tuple(new[:-1] if new and new[-1] in lm.stop_ids else new)
+
+
+def compute_kv(lm: LoadedModel, ids: tuple[int, ...] | list[int]) -> KV:
+    """The KV of `ids` from scratch, as the engine computes a shared prefix (one row, the whole prompt)."""
+    return Engine(lm, EngineConfig(max_batch=1, prefill_chunk=0), thread=False).compute_kv(tuple(ids))
+
+
+def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
+    """The engine's lone-row forward of `ids` after `kv`: the last position's logits ([V]) and the grown cache."""
+    cache = kv.as_cache() if kv is not None else new_cache()
+    return forward(lm, cache, ids), cache
 
 
 def threaded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:

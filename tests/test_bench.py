@@ -2,8 +2,11 @@
 
 import pytest
 
-from chatrt import ConfigError, bench, bench_concurrent, bench_workload
-from chatrt.bench_plot import ttft_by_turn
+from chatrt import ConfigError
+from chatrt.bench import concurrent as bench_concurrent
+from chatrt.bench import reuse as bench
+from chatrt.bench import workload as bench_workload
+from chatrt.bench.plot import ttft_by_turn
 from chatrt.config import Config
 
 

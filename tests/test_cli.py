@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from chatrt.bench import Report
+from chatrt.bench.reuse import Report
 from chatrt.cli import main
 
 pytestmark = pytest.mark.bundled

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from chatrt import bench
+from chatrt.bench import reuse as bench
 from chatrt.cache.kv import common_prefix_len
 from chatrt.config import EngineConfig, GenerationConfig
-from chatrt.engine import Engine, Generation, Request, TextStream, compute_kv, decode_step, prefill, sample
+from chatrt.engine import Engine, Generation, Request, TextStream, forward, sample
 from chatrt.model import LoadedModel
 from chatrt.template import ChatTemplate, Message
-from tests.conftest import reference_reply
+from tests.conftest import compute_kv, prefill, reference_reply
 
 
 def alone(lm, gen: Generation) -> tuple[Engine, Request]:
@@ -199,7 +199,7 @@ def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm
                 alone, cache = prefill(tiny_lm, None, prompt)  # batch 1, along the batched reply's own tokens
                 for k, logits in enumerate(gen.seen_logits):
                     if k:
-                        alone = decode_step(tiny_lm, cache, got[k - 1])
+                        alone = forward(tiny_lm, cache, [got[k - 1]])
                     worst = max(worst, (logits - alone).abs().max().item())
                     if int(logits.argmax()) != int(alone.argmax()):
                         top2 = torch.topk(alone, 2).values

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from chatrt.cache.integrity import Sealer
-from chatrt.cache.kv import KV, check_meta, common_prefix_len, from_chunks, to_chunks
-from chatrt.engine import compute_kv, decode_step, prefill
+from chatrt.cache.kv import KV, KVSpec, check_meta, common_prefix_len, from_chunks, to_chunks
+from chatrt.engine import forward
 from chatrt.errors import CacheRejected
-from tests.conftest import tiny_llama
+from tests.conftest import compute_kv, prefill, tiny_llama
 
 
 def test_common_prefix_len():
@@ -52,7 +52,7 @@ def test_appending_a_token_does_not_copy_the_whole_cache(tiny_lm):
     cache = kv.as_cache()
     homes = set()
     for token in range(300):
-        decode_step(tiny_lm, cache, 500 + token)
+        forward(tiny_lm, cache, [500 + token])
         homes.add(cache.layers[0].keys.untyped_storage().data_ptr())
     assert cache.get_seq_length() == 1300 and len(homes) <= 3
     grown = KV.from_cache(cache, (*kv.ids, *range(500, 800)))
@@ -79,7 +79,7 @@ def test_bytes_round_trip_is_bit_exact_and_chunked(tiny_lm):
     meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, chunk_bytes=4096, sealer=Sealer())
     assert meta.chunks == len(chunks) > 1 and all(len(c) <= 4096 for c in chunks)
     assert meta.ids == kv.ids and meta.nbytes == sum(len(c) for c in chunks)
-    back = from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, Sealer(), "cpu")
+    back = from_chunks(meta, [bytes(c) for c in chunks], KVSpec.of(tiny_lm.info), Sealer(), "cpu")
     assert back.ids == kv.ids
     assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, kv.keys + kv.values, strict=True))
 
@@ -108,7 +108,7 @@ def test_untrusted_bytes_are_rejected_never_loaded(tiny_lm, spoil, reason):
     meta, chunks = to_chunks(compute_kv(tiny_lm, (1, 2, 3, 4)), tiny_lm.info.fingerprint, 1024, Sealer())
     meta, chunks = spoil(meta, [bytes(c) for c in chunks])
     with pytest.raises(CacheRejected, match=reason):
-        from_chunks(meta, chunks, tiny_lm.kv_spec, Sealer(), "cpu")
+        from_chunks(meta, chunks, KVSpec.of(tiny_lm.info), Sealer(), "cpu")
 
 
 def test_metadata_that_does_not_fit_the_model_is_refused_before_anything_is_read(tokenizer, tiny_lm):
@@ -117,10 +117,10 @@ def test_metadata_that_does_not_fit_the_model_is_refused_before_anything_is_read
     kv = compute_kv(other, (1, 2, 3, 4))
     meta, _ = to_chunks(kv, tiny_lm.info.fingerprint, 1024, Sealer())  # the forger copies the fingerprint
     with pytest.raises(CacheRejected, match="float16"):
-        check_meta(meta, tiny_lm.kv_spec)
+        check_meta(meta, KVSpec.of(tiny_lm.info))
     short = KV(kv.ids, kv.keys[:1], kv.values[:1])
     with pytest.raises(CacheRejected, match="1 layers"):
-        check_meta(to_chunks(short, tiny_lm.info.fingerprint, 1024, Sealer())[0], tiny_lm.kv_spec)
+        check_meta(to_chunks(short, tiny_lm.info.fingerprint, 1024, Sealer())[0], KVSpec.of(tiny_lm.info))
 
 
 def test_with_a_secret_only_caches_signed_with_it_are_accepted(tiny_lm):
@@ -128,8 +128,8 @@ def test_with_a_secret_only_caches_signed_with_it_are_accepted(tiny_lm):
     ours, forged = Sealer("s3cret"), Sealer()  # the forger has everything but the secret
     meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, 1024, ours)
     assert meta.digest.startswith("hmac-sha256:")
-    assert from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, ours, "cpu").ids == kv.ids
+    assert from_chunks(meta, [bytes(c) for c in chunks], KVSpec.of(tiny_lm.info), ours, "cpu").ids == kv.ids
     for sealer in (forged, Sealer("guess")):
         meta, chunks = to_chunks(kv, tiny_lm.info.fingerprint, 1024, sealer)
         with pytest.raises(CacheRejected, match="secret"):
-            from_chunks(meta, [bytes(c) for c in chunks], tiny_lm.kv_spec, ours, "cpu")
+            from_chunks(meta, [bytes(c) for c in chunks], KVSpec.of(tiny_lm.info), ours, "cpu")

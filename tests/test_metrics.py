@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatrt import ChatRuntime, Config, ConfigError, cli, metrics
+from chatrt.board import Board
 from chatrt.cli import main
 
 
@@ -98,7 +99,7 @@ def test_runtimes_publish_their_stats_to_redis(tiny_lm, redis_url, redis_client)
         a.open_session().send("One")
         for _ in range(2):
             b.open_session().send("Two")
-        deployment = a.store.deployment()
+        deployment = Board(a.store).deployment()
         assert set(deployment.runtimes) == {a.instance, b.instance}
         assert deployment.runtimes[b.instance].turns == 2
         assert deployment.total().turns == 3
@@ -106,7 +107,7 @@ def test_runtimes_publish_their_stats_to_redis(tiny_lm, redis_url, redis_client)
         assert deployment.sessions == 3 and deployment.prefixes == 0
     after = ChatRuntime(tiny_lm, config)
     try:
-        gone = after.store.deployment()
+        gone = Board(after.store).deployment()
         assert gone.runtimes == {}  # a closed runtime takes its stats away
         assert gone.sessions == 3 and gone.sessions_with_kv == 3 and gone.kv_bytes > 0  # detached: kept for resume
     finally:

@@ -9,7 +9,7 @@ import torch
 import chatrt.cache.prefix
 from chatrt.cache.kv import KV
 from chatrt.cache.prefix import PrefixStore, prefix_hash
-from chatrt.engine import compute_kv
+from tests.conftest import compute_kv
 
 
 def store(**limits) -> PrefixStore:

@@ -12,6 +12,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from chatrt import ChatRuntime, Config
+from chatrt.board import Board
 from chatrt.cache.store import RedisStore
 from chatrt.errors import StoreUnavailable
 from chatrt.redis_server import redis_cluster
@@ -62,7 +63,7 @@ def test_the_store_works_on_a_cluster_one_slot_per_session(cluster_url, cluster)
         assert store.take_lease("s1") is False and store.take_lease("s1") is True
         slots = {cluster.keyslot(k) for k in session_keys(cluster, "s1")}
         assert len(slots) == 1
-        assert store.deployment().sessions == 0  # scanned on every node
+        assert Board(store).deployment().sessions == 0  # scanned on every node
     finally:
         store.close()
 

@@ -5,8 +5,11 @@ import threading
 
 import pytest
 
-from chatrt import ChatRuntime, Config, bench, bench_workload
+from chatrt import ChatRuntime, Config
+from chatrt.bench import reuse as bench
+from chatrt.bench import workload as bench_workload
 from chatrt.cache.kv import common_prefix_len
+from chatrt.engine import runner
 from chatrt.errors import (
     ConfigError,
     ContextLengthError,
@@ -475,7 +478,7 @@ def test_a_failed_engine_step_fails_its_turn_and_the_session_goes_on(runtime, mo
     def lost(*_):
         raise RuntimeError("the device went away")
 
-    monkeypatch.setattr(runtime.engine, "_run", lost)
+    monkeypatch.setattr(runner, "run", lost)
     with pytest.raises(RuntimeError, match="device went away"):
         s.send("this turn fails")
     monkeypatch.undo()

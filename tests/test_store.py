@@ -6,12 +6,12 @@ import time
 import pytest
 
 from chatrt.cache.integrity import Sealer
-from chatrt.cache.kv import from_chunks, to_chunks
+from chatrt.cache.kv import KVSpec, from_chunks, to_chunks
 from chatrt.cache.record import SessionRecord
 from chatrt.cache.store import RedisStore
-from chatrt.engine import compute_kv
 from chatrt.errors import CacheRejected, InvalidMessage, SessionClosed, SessionConflict, SessionLeased, StoreUnavailable
 from chatrt.template import Message
+from tests.conftest import compute_kv
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_record_with_its_kv_lives_under_the_design_keys_with_ttls(store, redis
     assert all(0 < redis_client.ttl(k) <= 600 for k in keys(redis_client) if "lease" not in k)
     back = store.get_session("s1")
     assert stored(back) == record(kv=meta) and back.sig.startswith("sha256:")
-    restored = from_chunks(back.kv, store.session_chunks("s1", back.kv), tiny_lm.kv_spec, Sealer(), "cpu")
+    restored = from_chunks(back.kv, store.session_chunks("s1", back.kv), KVSpec.of(tiny_lm.info), Sealer(), "cpu")
     assert restored.ids == tuple(range(1, 40))
 
 
@@ -152,7 +152,8 @@ def test_prefixes_live_under_their_hash(store, redis_client, tiny_lm):
     store.put_prefix("abc", *chunked(tiny_lm, (5, 6, 7), chunk_bytes=1 << 20))
     assert keys(redis_client) == ["chatrt:prefix:{abc}:kv:0", "chatrt:prefix:{abc}:meta"]
     meta = store.get_prefix("abc")
-    assert from_chunks(meta, store.prefix_chunks("abc", meta), tiny_lm.kv_spec, Sealer(), "cpu").ids == (5, 6, 7)
+    restored = from_chunks(meta, store.prefix_chunks("abc", meta), KVSpec.of(tiny_lm.info), Sealer(), "cpu")
+    assert restored.ids == (5, 6, 7)
     assert store.get_prefix("nope") is None
 
 

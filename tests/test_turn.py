@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from chatrt import AsyncChatRuntime, ContextLengthError
+from chatrt.engine import runner
 from chatrt.turn import Turn
 from tests.conftest import tiered
 from tests.test_session import assert_exact, assert_kv_agrees
@@ -83,7 +84,7 @@ def test_every_way_a_turn_ends_finishes_it_once_and_lets_the_session_go(once, mo
     run(s.stream("closed early", max_new_tokens=50), lambda t: (next(t), t.close()))
     run(s.stream("never read"), lambda t: t.close())
     run(s.stream("x " * 3000), lambda t: next(t))  # the prompt does not fit: it fails to begin
-    monkeypatch.setattr(type(once.engine), "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(runner, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     run(s.stream("a failed step"), lambda t: t.result())
     monkeypatch.undo()
     assert ended == ["ContextLengthError", "RuntimeError"]

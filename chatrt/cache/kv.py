@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from chatrt.cache.integrity import Sealer
 from chatrt.errors import CacheRejected
+from chatrt.model import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class KVSpec:
     max_tokens: int
     vocab_size: int
     bytes_per_token: int
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> KVSpec:
+        """What a cache of this model looks like, for checking stored ones."""
+        return cls(info.fingerprint, info.dtype, info.num_layers, info.num_kv_heads, info.head_dim, info.max_context,
+                   info.vocab_size, info.kv_bytes_per_token)  # fmt: skip
 
     def max_nbytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token + _HEADER_BYTES

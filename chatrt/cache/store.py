@@ -1,5 +1,9 @@
-"""The Redis tier's storage: session records and KV chunks under DESIGN's keys, with TTLs, pipelining, leases
-and fenced writes (a transaction on one session's keys, one hash slot, so it works on Redis Cluster too).
+"""The Redis tier's storage: session records and KV chunks, with TTLs, pipelining, leases and fenced writes (a
+transaction on one session's keys, one hash slot, so it works on Redis Cluster too).
+
+Keys: `chatrt:{<session>}:meta` (the record: transcript, KV metadata, rev, signature), `:kv:<n>` (its KV's
+chunks), `:lease` (the owner token of the process holding it), `:closed` (a tombstone);
+`chatrt:prefix:{<digest>}:meta` and `:kv:<n>` (an evicted shared prefix). The braces are Redis Cluster hash tags.
 
 Every Redis failure becomes StoreUnavailable, so callers can fall back to recompute and say so.
 """
@@ -32,7 +36,6 @@ from chatrt.errors import (
     SessionLeased,
     StoreUnavailable,
 )
-from chatrt.stats import DeploymentStats, RuntimeStats
 
 log = logging.getLogger("chatrt")
 M = TypeVar("M", bound=BaseModel)
@@ -52,10 +55,6 @@ def session_key(session_id: str, part: str) -> str:
 
 def prefix_key(digest: str, part: str) -> str:
     return f"chatrt:prefix:{{{digest}}}:{part}"
-
-
-def runtime_key(instance: str) -> str:
-    return f"chatrt:runtime:{instance}"
 
 
 @dataclass
@@ -104,7 +103,7 @@ class RedisStore:
     def get_session(self, session_id: str) -> SessionRecord | None:
         """The stored record; None when there is none or it cannot be trusted (unreadable, another session's, not
         signed with this deployment's secret). Raises SessionClosed when the session was closed."""
-        with self._guard("read a session"):
+        with self.guard("read a session"):
             raw, closed = self.client.mget(session_key(session_id, "meta"), session_key(session_id, "closed"))
         record = self._trusted(session_id, raw)
         if record is None and closed is not None:
@@ -187,7 +186,7 @@ class RedisStore:
         chunks cannot make this process read more than it declared (and checks against the model)."""
         if not keys:
             return []
-        with self._guard("read a cache"):
+        with self.guard("read a cache"):
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.strlen(key)
@@ -206,7 +205,7 @@ class RedisStore:
         without a break, so nobody else wrote meanwhile), else taken anew (False). Raises SessionLeased while
         another process holds it."""
         key = session_key(session_id, "lease")
-        with self._guard("take a session's lease"):
+        with self.guard("take a session's lease"):
             if self._renew(keys=[key], args=[self.owner, self._lease_ms]):
                 return True
             if self.client.set(key, self.owner, nx=True, px=self._lease_ms):
@@ -218,11 +217,11 @@ class RedisStore:
 
     def renew_lease(self, session_id: str) -> bool:
         """Extend the lease this process holds; False when it does not hold it any more."""
-        with self._guard("renew a session's lease"):
+        with self.guard("renew a session's lease"):
             return bool(self._renew(keys=[session_key(session_id, "lease")], args=[self.owner, self._lease_ms]))
 
     def release_lease(self, session_id: str) -> None:
-        with self._guard("release a session's lease"):
+        with self.guard("release a session's lease"):
             self._release(keys=[session_key(session_id, "lease")], args=[self.owner])
 
     @property
@@ -236,7 +235,7 @@ class RedisStore:
         queues its commands after `pipe.multi()`; when another client changes a key before they run, it runs
         again on the new state (optimistic locking with WATCH)."""
         keys = [session_key(session_id, p) for p in ("meta", "lease", "closed")]
-        with self._guard(what):
+        with self.guard(what):
             for _ in range(16):
                 with self.client.pipeline(transaction=True) as pipe:
                     try:
@@ -274,7 +273,7 @@ class RedisStore:
     def _trusted(self, session_id: str, raw: bytes | None) -> SessionRecord | None:
         if raw is None:
             return None
-        record = _parse(SessionRecord, raw)
+        record = parse(SessionRecord, raw)
         sealed = record is not None and self.sealer.verify(record.sig, _record_bytes(record))
         if record is not None and sealed and record.session_id == session_id:
             return record
@@ -285,81 +284,48 @@ class RedisStore:
     # -- prefixes --------------------------------------------------------------------------------
 
     def get_prefix(self, digest: str) -> KVMeta | None:
-        with self._guard("read a prefix"):
-            return _parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
+        with self.guard("read a prefix"):
+            return parse(KVMeta, self.client.get(prefix_key(digest, "meta")))
 
     def prefix_chunks(self, digest: str, meta: KVMeta) -> list[bytes | None]:
         return self.get_chunks([prefix_key(digest, f"kv:{n}") for n in range(meta.chunks)], meta.nbytes)
 
     def put_prefix(self, digest: str, meta: KVMeta, chunks: list[memoryview]) -> None:
-        with self._guard("write a prefix"):
+        with self.guard("write a prefix"):
             pipe = self.client.pipeline(transaction=True)
             for n, chunk in enumerate(chunks):
                 pipe.set(prefix_key(digest, f"kv:{n}"), chunk, ex=self.ttl_s)
             pipe.set(prefix_key(digest, "meta"), meta.model_dump_json(), ex=self.ttl_s)
             pipe.execute()
 
-    # -- operators -------------------------------------------------------------------------------
-
-    def put_runtime_stats(self, instance: str, stats: RuntimeStats, ttl_s: float) -> None:
-        """This process's stats for `chatrt stats --redis`; they expire unless published again."""
-        with self._guard("publish runtime stats"):
-            self.client.set(runtime_key(instance), stats.model_dump_json(), px=max(1, int(ttl_s * 1000)))
-
-    def delete_runtime_stats(self, instance: str) -> None:
-        with self._guard("remove runtime stats"):
-            self.client.delete(runtime_key(instance))
-
-    def deployment(self) -> DeploymentStats:
-        """What every process using this Redis last published, and what Redis holds: sessions, KV, prefixes."""
-        with self._guard("read the deployment's stats"):
-            runtimes = {s.instance: s for s in self._all(RuntimeStats, runtime_key("*"))}
-            records = self._all(SessionRecord, session_key("*", "meta"))
-            prefix_metas = self._all(KVMeta, prefix_key("*", "meta"))
-        return DeploymentStats(
-            runtimes=runtimes,
-            sessions=len(records),
-            sessions_with_kv=sum(r.kv is not None for r in records),
-            kv_bytes=sum(r.kv.nbytes for r in records if r.kv is not None),
-            prefixes=len(prefix_metas),
-            prefix_bytes=sum(p.nbytes for p in prefix_metas),
-        )
-
-    def _all(self, model: type[M], pattern: str) -> list[M]:
-        keys = list(self.client.scan_iter(match=pattern, count=1000))  # every node's, on a cluster
-        if not keys:
-            return []
-        values = self.client.mget_nonatomic(keys) if self.cluster else self.client.mget(keys)  # type: ignore[attr-defined]
-        return [m for raw in values if (m := _parse(model, raw)) is not None]
-
     def put_values(self, values: dict[str, bytes | memoryview]) -> None:
         """Plain values on one slot (the cost model's probe), expiring with the TTL."""
-        with self._guard("write a probe"):
+        with self.guard("write a probe"):
             pipe = self.client.pipeline(transaction=False)
             for key, value in values.items():
                 pipe.set(key, value, ex=self.ttl_s)
             pipe.execute()
 
     def delete_values(self, keys: list[str]) -> None:
-        with self._guard("delete a probe"):
+        with self.guard("delete a probe"):
             self.client.delete(*keys)
 
     def round_trip(self, key: str) -> float:
         """Seconds for one GET: the fixed latency of a call."""
-        with self._guard("time a round trip"):
+        with self.guard("time a round trip"):
             t0 = time.perf_counter()
             self.client.get(key)
             return time.perf_counter() - t0
 
     def ping(self) -> None:
-        with self._guard("reach Redis"):
+        with self.guard("reach Redis"):
             self.client.ping()
 
     def close(self) -> None:
         self.client.close()
 
     @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str) -> Iterator[None]:
         """Every Redis failure becomes StoreUnavailable; the first after a success is logged, as is the recovery
         (redis-py reconnects on the next call, so Redis coming back needs nothing from chatrt)."""
         try:
@@ -379,7 +345,7 @@ def _record_bytes(record: SessionRecord) -> bytes:
     return record.model_dump_json(exclude={"sig"}).encode()
 
 
-def _parse(model: type[M], raw: bytes | None) -> M | None:
+def parse(model: type[M], raw: bytes | None) -> M | None:
     """The stored JSON as `model`; None when absent or unreadable (a foreign or older writer is a miss)."""
     if raw is None:
         return None

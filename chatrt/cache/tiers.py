@@ -21,7 +21,7 @@ import torch
 
 from chatrt.cache.cost import Choice, CostModel
 from chatrt.cache.integrity import Sealer
-from chatrt.cache.kv import KV, KVMeta, check_meta, from_chunks, to_chunks
+from chatrt.cache.kv import KV, KVMeta, KVSpec, check_meta, from_chunks, to_chunks
 from chatrt.cache.ladder import TIERS, Budget, Eviction, Ladder, Slot, Tier
 from chatrt.cache.record import SessionRecord
 from chatrt.config import TierConfig
@@ -68,7 +68,7 @@ class Tiers:
         """`compute`: the KV of some ids from scratch (the engine's), for the prefill probe."""
         self.config, self.lm, self.store, self.compute = config, lm, store, compute
         self.fingerprint = lm.info.fingerprint
-        self.spec = lm.kv_spec
+        self.spec = KVSpec.of(lm.info)
         self.sealer = store.sealer if store is not None else Sealer()
         self.cost = CostModel({"prefill": self._probe_prefill, "host": self._probe_host, "redis": self._probe_redis})
         self.counters = TierCounters()

@@ -1,5 +1,7 @@
-"""One reply as a state machine (take a KV, accept logits, feed a token, end), sampling, stop conditions and
-streamed text; knows nothing of sessions.
+"""One reply as the engine's sequence state (nano-vllm's `Sequence`): the ids its cache is to hold, how many it
+holds (`computed`), the cache itself (parked on the host while preempted), and the reply as a state machine
+(take a KV, accept logits, feed a token, end) with sampling, stop conditions and streamed text. It knows
+nothing of sessions.
 
 The engine loop drives Generations, many at once through packed forwards, a lone one through the plain forward.
 When one has ended, its KV, ids and timings describe exactly what was computed.
@@ -20,25 +22,6 @@ from chatrt.model import LoadedModel
 from chatrt.template import decode
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
-
-
-@torch.inference_mode()
-def forward(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
-    """Run `ids` after the tokens in `cache` (which grows by them), alone: the logits of the last position ([V])."""
-    assert ids, "a forward needs at least one new token"
-    x = torch.tensor([ids], device=lm.device)  # [1, S]
-    return lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[0, -1].float()
-
-
-def prefill(lm: LoadedModel, kv: KV | None, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
-    """Run `ids` after the tokens of `kv`; return the logits of the last position ([V]) and the grown cache."""
-    cache = kv.as_cache() if kv is not None else new_cache()
-    return forward(lm, cache, ids), cache
-
-
-def decode_step(lm: LoadedModel, cache: DynamicCache, token: int) -> torch.Tensor:
-    """Feed one token; return the next logits ([V])."""
-    return forward(lm, cache, [token])
 
 
 def sample(
@@ -160,24 +143,58 @@ class Generation:
     """The token sampled last, to be fed at the next step (while not done)."""
     cache: DynamicCache | None = None
     fed: list[int] = field(default_factory=list)
+    """The ids the cache holds once the prompt is in: the prompt, then each generated token fed back."""
+    computed: int = 0
+    """How many leading ids of `fed` the cache holds (the rest of the prompt is still to prefill)."""
+    parked: KV | None = None
+    """The cache while preempted: on the host, until `unpark`."""
     _t0: float = 0.0
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _ended: bool = False
 
-    def begin(self) -> list[int]:
-        """Take the KV handed in as this reply's cache; returns the ids still to prefill. The KV is consumed:
-        from here on `kv` is only what this generation computed, so a prefill that fails leaves nothing to keep."""
+    def begin(self) -> None:
+        """Take the KV handed in as this reply's cache. The KV is consumed: from here on `kv` is only what this
+        generation computed, so a prefill that fails leaves nothing to keep."""
         source, self.kv = self.kv, None
-        self.fed = [*(source.ids if source is not None else ()), *self.new_ids]  # what the cache holds once fed
+        self.fed = [*(source.ids if source is not None else ()), *self.new_ids]
+        self.computed = len(self.fed) - len(self.new_ids)
         self.prompt_len = len(self.fed)
         self.cache = source.as_cache() if source is not None else new_cache()
         self._stream = TextStream(self.lm.tokenizer, self.params.stop)
         if self.params.seed is not None:
             self._generator = torch.Generator(device=self.lm.device).manual_seed(self.params.seed)
         self._t0 = time.perf_counter()
-        return list(self.new_ids)
+
+    # -- what the engine schedules and runs ----------------------------------------------------------
+
+    @property
+    def to_prefill(self) -> int:
+        """Prompt ids still to run through the model (0: decoding)."""
+        return len(self.fed) - self.computed if self.computed < self.prompt_len else 0
+
+    def inputs(self, n: int) -> list[int]:
+        """The ids of this row's next step: the next `n` of the prompt, or the token sampled last."""
+        return self.fed[self.computed : self.computed + n] if self.to_prefill else [self.next_token]
+
+    def ran(self, n: int) -> None:
+        """`n` prompt ids went through the model: the cache holds them."""
+        assert 0 < n <= self.to_prefill
+        self.computed += n
+
+    def park(self) -> None:
+        """Preempted: move the KV computed so far to the host, freeing its device memory until `unpark`."""
+        if self.parked is None and self.cache is not None and self.cache.layers:
+            self.parked = KV.from_cache(self.cache, tuple(self.fed[: self.computed])).to("cpu")
+            self.cache = new_cache()
+
+    def unpark(self, device: torch.device) -> None:
+        """Back in the batch: its KV returns to the device."""
+        if self.parked is not None:
+            self.cache, self.parked = self.parked.to(device).as_cache(), None
+
+    # -- the reply ----------------------------------------------------------------------------------
 
     def accept(self, logits: torch.Tensor) -> str:
         """Sample the next token from the last position's logits ([V]); returns its text ("" while a character
@@ -213,6 +230,7 @@ class Generation:
     def advance(self) -> None:
         """`next_token` was fed: the cache holds it now."""
         self.fed.append(self.next_token)
+        self.computed += 1
         if self._seen is not None:
             self._seen[self.next_token] = True
         self.decode_steps += 1
@@ -255,8 +273,3 @@ class Generation:
     def decode_tokens_per_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
-
-def compute_kv(lm: LoadedModel, ids: tuple[int, ...]) -> KV:
-    """The KV of `ids` from scratch (a shared prefix)."""
-    _, cache = prefill(lm, None, list(ids))
-    return KV.from_cache(cache, ids)

@@ -13,12 +13,11 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 
-import torch
-
-from chatrt.cache.kv import KV, new_cache
+from chatrt.cache.kv import KV
 from chatrt.config import EngineConfig, GenerationConfig
-from chatrt.engine.generation import Generation, forward
-from chatrt.engine.packed import run_rows, use_packed_attention
+from chatrt.engine import runner
+from chatrt.engine.generation import Generation
+from chatrt.engine.packed import use_packed_attention
 from chatrt.engine.scheduler import Scheduler
 from chatrt.errors import RuntimeClosed
 from chatrt.model import LoadedModel
@@ -28,24 +27,23 @@ log = logging.getLogger("chatrt")
 
 
 class Request:
-    """A turn submitted to the engine: its Generation (the reply's state), the prompt ids still to prefill, the
-    channel its pieces come through, and a cancel flag. A thread reads the channel with `stream()`, an event
-    loop with `astream()`: no thread waits on a request for it."""
+    """A turn submitted to the engine: its Generation (the sequence state: ids, how many are computed, the
+    cache), the channel its pieces come through, and a cancel flag. A thread reads the channel with `stream()`,
+    an event loop with `astream()`: no thread waits on a request for it."""
 
     def __init__(self, gen: Generation, engine: Engine) -> None:
         self.gen, self.engine = gen, engine
-        self.pending = gen.begin()  # prompt ids still to run through the model
+        gen.begin()
         self.delivered = 0
         """Characters of the reply handed to the reader: when it stops early, that is the reply."""
         self.ended = threading.Event()
         self._pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         self._cancel = threading.Event()
-        self._parked: KV | None = None  # its KV while preempted
         self._notify: Callable[[], None] = lambda: None  # an event loop's reader is woken through this
 
     @property
     def to_prefill(self) -> int:
-        return len(self.pending)
+        return self.gen.to_prefill
 
     @property
     def cancelled(self) -> bool:
@@ -54,22 +52,6 @@ class Request:
     @property
     def tokens(self) -> int:
         return len(self.gen.fed)
-
-    def park(self) -> None:
-        """Preempted: move the KV computed so far to the host, freeing its device memory until `unpark`."""
-        cache = self.gen.cache
-        if self._parked is None and cache is not None and cache.layers:
-            held = len(self.gen.fed) - len(self.pending)  # ids already run through the model
-            self._parked = KV.from_cache(cache, tuple(self.gen.fed[:held])).to("cpu")
-            self.gen.cache = new_cache()
-
-    def unpark(self, device: torch.device) -> None:
-        """Back in the batch: its KV returns to the device."""
-        if self._parked is not None:
-            self.gen.cache, self._parked = self._parked.to(device).as_cache(), None
-
-    def inputs(self, n: int) -> list[int]:
-        return self.pending[:n] if self.pending else [self.gen.next_token]
 
     def put(self, item: str | BaseException | None) -> None:
         """(engine) A piece, an error, or the end."""
@@ -206,14 +188,14 @@ class Engine:
         for request in cancelled:
             self._end(request)
         for request in preempted:
-            request.park()
+            request.gen.park()
             self.preemptions += 1
         if not rows:
             return
         for request, _ in rows:
-            request.unpark(self.lm.device)
+            request.gen.unpark(self.lm.device)
         try:  # run
-            logits = self._run([(r.gen, r.inputs(n)) for r, n in rows])
+            logits = runner.run(self.lm, [(r.gen.cache, r.gen.inputs(n)) for r, n in rows])  # type: ignore[misc]
         except Exception as e:  # every row of a failed step has a cache it cannot trust: each gets the error
             for request, _ in rows:
                 request.put(e)
@@ -222,9 +204,9 @@ class Engine:
         self.steps, self.rows = self.steps + 1, self.rows + len(rows)
         for (request, n), row_logits in zip(rows, logits, strict=True):  # postprocess
             gen = request.gen
-            if request.pending:
-                del request.pending[:n]
-                if request.pending:
+            if gen.to_prefill:
+                gen.ran(n)
+                if gen.to_prefill:
                     continue  # more of the prompt to prefill before the first token
                 if gen.prefill_only:
                     gen.end("length")
@@ -236,13 +218,6 @@ class Engine:
                 request.put(piece)
             if gen.done:
                 self._end(request)
-
-    def _run(self, rows: list[tuple[Generation, list[int]]]) -> torch.Tensor:
-        """Logits of each row's last new token: [R, V]. A lone row runs the plain forward."""
-        if len(rows) == 1:
-            gen, ids = rows[0]
-            return forward(self.lm, gen.cache, ids)[None]  # type: ignore[arg-type]
-        return run_rows(self.lm, [gen.cache for gen, _ in rows], [ids for _, ids in rows])  # type: ignore[misc]
 
     def _end(self, request: Request) -> None:
         """The request leaves the engine: its reply ends (as cancelled if it had not), the stream is told."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatrt.bench import Report
+from chatrt.bench.reuse import Report
 
 
 def ttft_by_turn(report: Report, path: Path) -> Path:

@@ -23,7 +23,7 @@ MODES: dict[str, dict[str, dict[str, bool]]] = {
     "pressure": FULL,
     "pressure-redis": FULL,
 }
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "bench"
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "bench"
 # The workload reads like a support desk: a policy system prompt and real questions, so the model
 # answers at a natural length (random words make it refuse in a few tokens, which no user does).
 POLICY = (

@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable
 import torch
 from pydantic import BaseModel
 
-from chatrt.bench_workload import FILL, MODES, POLICY, QUESTIONS, Mode, Workload, machine_load
+from chatrt.bench.workload import FILL, MODES, POLICY, QUESTIONS, Mode, Workload, machine_load
 from chatrt.cache.cost import Action
 from chatrt.config import Config
-from chatrt.engine import compute_kv
 from chatrt.model import LoadedModel
 from chatrt.redis_server import redis_server
 from chatrt.runtime import ChatRuntime
@@ -246,7 +245,7 @@ def _restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> Resto
         meta = rt.tiers.kv_meta(history.id)
         assert meta is not None, "the history should be in Redis now"
         t0 = time.perf_counter()
-        compute_kv(lm, meta.ids)
+        rt.engine.compute_kv(meta.ids)  # what a recompute costs: the engine prefills it
         recompute_s = time.perf_counter() - t0
         estimate = rt.tiers.cost.choose("redis", meta.nbytes, len(meta.ids))
         turn = history.send("Thanks, that is all.", max_new_tokens=8).stats

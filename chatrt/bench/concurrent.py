@@ -11,7 +11,7 @@ import time
 
 from pydantic import BaseModel
 
-from chatrt import bench
+from chatrt.bench import reuse as bench
 from chatrt.config import Config
 from chatrt.model import LoadedModel
 from chatrt.runtime import ChatRuntime
