@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from chatrt.cache.store import RedisStore
 
 from chatrt.cache.prefix import PrefixStore
+from chatrt.cache.spill import PrefixSpill
 from chatrt.cache.tiers import Tiers
 from chatrt.config import Config
 from chatrt.engine import Engine
@@ -76,6 +77,7 @@ class ChatRuntime:
             self.board = Board(self.store)
         self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
+        self.spill = PrefixSpill(self.tiers)
         self.journal: Journal | None = None
         if self.store is not None:
             from chatrt.cache.journal import Journal
@@ -86,13 +88,13 @@ class ChatRuntime:
             max_entries=self.config.prefix.max_entries,
             max_bytes=self.config.prefix.max_bytes,
             wait_s=self.config.prefix.wait_s,
-            on_evict=self.tiers.spill_prefix,
+            on_evict=self.spill.spill,
         )
         self.metrics = Metrics(self.stats, {"model": lm.info.name, "dtype": lm.info.dtype, "device": lm.info.device})
         self.recorder = Recorder(on_turn=self._turn_done)
         self._parts = Parts(
-            self.config, lm.info, self.template, self.engine, self.tiers, self.prefixes, self.journal, self.recorder,
-            forget=self._forget,
+            self.config, lm.info, self.template, self.engine, self.tiers, self.prefixes, self.spill, self.journal,
+            self.recorder, forget=self._forget,
         )  # fmt: skip
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         """This process's name in the stats it publishes to Redis."""

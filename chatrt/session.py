@@ -18,6 +18,7 @@ from typing_extensions import Unpack
 from chatrt.cache.kv import KV, KVMeta
 from chatrt.cache.prefix import PrefixEntry, PrefixStore
 from chatrt.cache.record import SessionRecord
+from chatrt.cache.spill import PrefixSpill
 from chatrt.cache.tiers import Tiers
 from chatrt.config import Config, TurnOptions
 from chatrt.engine import Engine
@@ -51,6 +52,7 @@ class Parts:
     engine: Engine
     tiers: Tiers
     prefixes: PrefixStore
+    spill: PrefixSpill
     journal: Journal | None  # None without Redis
     recorder: Recorder
     forget: Callable[[Session, bool], None]

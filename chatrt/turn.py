@@ -208,7 +208,7 @@ class Turn:
             history, prompt, dropped = fit(session, history, user, self.params)
             taken = p.tiers.checkout(session.id)  # pinned until checked in
             try:
-                start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.tiers, p.engine.compute_kv)
+                start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.spill, p.engine.compute_kv)
                 gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], self.params, started=started)
                 request = p.engine.submit(gen)  # the engine loop runs it, batched with other turns
             except BaseException:

@@ -33,7 +33,7 @@ class CostModel:
     def __init__(self, probes: dict[str, Callable[[], tuple[float, float]]]) -> None:
         """`probes[name]()` measures one quantity when nothing has been observed yet and returns (amount, seconds):
         name "prefill" in tokens, a tier name in bytes."""
-        self._probes = probes
+        self.probes = probes
         self._rates: dict[str, float] = {}  # amount per second, per quantity
         self._latency: dict[str, float] = {}  # seconds a restore costs whatever its size (round trips)
         self._lock = threading.Lock()
@@ -56,7 +56,7 @@ class CostModel:
             known = self._rates.get(name)
         if known is not None:
             return known
-        amount, seconds = self._probes[name]()
+        amount, seconds = self.probes[name]()
         self.observe(name, amount, seconds)
         with self._lock:
             return self._rates.setdefault(name, amount / max(seconds, 1e-9))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from chatrt.cache.kv import KV, common_prefix_len
 from chatrt.cache.prefix import PrefixEntry, PrefixStore
-from chatrt.cache.tiers import Tiers
+from chatrt.cache.spill import PrefixSpill
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ def reuse(
     own_kv: KV | None,
     entry: PrefixEntry | None,
     prefixes: PrefixStore,
-    tiers: Tiers,
+    spill: PrefixSpill,
     compute: Callable[[tuple[int, ...]], KV],
 ) -> Reuse:
     """The longest cached start of `prompt`. At least one prompt token is always left to prefill: its logits
@@ -43,12 +43,12 @@ def reuse(
 
     def fill(ids: tuple[int, ...]) -> KV:
         nonlocal loaded
-        stored = tiers.load_prefix(entry.key, ids)
+        stored = spill.load(entry.key, ids)
         loaded = stored is not None
         return stored if stored is not None else compute(ids)
 
     prefix_kv, hit = prefixes.kv(entry, fill, fallback=compute)  # past the wait (Redis stalled): own prefill
-    prefix_kv = prefix_kv.to(tiers.lm.device)
+    prefix_kv = prefix_kv.to(spill.lm.device)
     if hit or loaded:
         return Reuse(prefix_kv, 0, len(entry.ids))
     return Reuse(prefix_kv, prefix_s=time.perf_counter() - t0)

@@ -2,27 +2,26 @@
 policy (`Ladder`: LRU under byte and session budgets) asks, and weigh restore against recompute.
 
 The policy is consulted under this module's lock; copies, serialization, hashing and Redis I/O run outside
-it, on the thread of the turn (or close) that caused the move. A session that is generating has its KV
-checked out: pinned, it never moves. A checkout of a cache that is on its way down waits for it to land.
+it, in `settle`, on the thread of a turn that has let its session go (one thread settles at a time; the others
+leave their moves to it). A session that is generating has its KV checked out: pinned, it never moves. A
+checkout of a cache that is on its way down waits for it to land. The cost model's probes are `probes.py`;
+evicted shared prefixes go to Redis through `spill.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from chatrt.cache.cost import Choice, CostModel
+from chatrt.cache.cost import Choice
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KV, KVMeta, KVSpec, check_meta, from_chunks, to_chunks
 from chatrt.cache.ladder import TIERS, Budget, Eviction, Ladder, Slot, Tier
+from chatrt.cache.probes import cost_model
 from chatrt.cache.record import SessionRecord
 from chatrt.config import TierConfig
 from chatrt.errors import CacheRejected, StoreUnavailable
@@ -65,12 +64,12 @@ class Tiers:
         store: RedisStore | None,
         compute: Callable[[tuple[int, ...]], KV],
     ) -> None:
-        """`compute`: the KV of some ids from scratch (the engine's), for the prefill probe."""
+        """`compute`: the KV of some ids from scratch (the engine's), for the cost model's prefill probe."""
         self.config, self.lm, self.store, self.compute = config, lm, store, compute
         self.fingerprint = lm.info.fingerprint
         self.spec = KVSpec.of(lm.info)
         self.sealer = store.sealer if store is not None else Sealer()
-        self.cost = CostModel({"prefill": self._probe_prefill, "host": self._probe_host, "redis": self._probe_redis})
+        self.cost = cost_model(lm, compute, store, self.chunks, self.sealer)
         self.counters = TierCounters()
         self.moves: deque[Move] = deque(maxlen=1024)
         self._ladder = self._new_ladder()
@@ -177,40 +176,6 @@ class Tiers:
             self._move_down(eviction)
             self.settle()
         return self.where(session_id)
-
-    # -- shared prefixes: an evicted prefix waits in Redis, where any process can load it ------------
-
-    def spill_prefix(self, key: str, kv: KV) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.put_prefix(key, *self.chunks(kv))
-            self.count(prefix_spills=1)
-        except StoreUnavailable:
-            self.count(redis_errors=1)
-
-    def load_prefix(self, key: str, ids: tuple[int, ...]) -> KV | None:
-        """The prefix's KV from Redis when it is there, valid, for exactly `ids`, and faster than a prefill."""
-        if self.store is None:
-            return None
-        try:
-            meta = self.store.get_prefix(key)  # the chunks are read only once the cost model says restore
-            if (
-                meta is None
-                or meta.ids != ids
-                or self.cost.choose("redis", meta.nbytes, len(ids)).action == "recompute"
-            ):
-                return None
-            t0 = time.perf_counter()
-            kv = from_chunks(meta, self.store.prefix_chunks(key, meta), self.spec, self.sealer, self.lm.device)
-        except CacheRejected:
-            self.count(rejected=1)
-            return None
-        except StoreUnavailable:
-            self.count(redis_errors=1)
-            return None
-        self.count(prefix_restores=1, restore_s=time.perf_counter() - t0)
-        return kv
 
     # -- operators ---------------------------------------------------------------------------------
 
@@ -351,44 +316,3 @@ class Tiers:
 
     def _log(self, session_id: str, src: Source, dst: Literal["device", "host", "redis", "dropped"]) -> None:
         self.moves.append(Move(session_id, src, dst))
-
-    # -- probes: measured once when the cost model has not yet seen the real thing -------------------
-
-    def _probe_prefill(self) -> tuple[float, float]:
-        ids = tuple(range(1, _PROBE_TOKENS + 1))
-        self.compute(ids[:8])  # warm up
-        t0 = time.perf_counter()
-        self.compute(ids)
-        return _PROBE_TOKENS, time.perf_counter() - t0
-
-    def _probe_host(self) -> tuple[float, float]:
-        x = torch.empty(_PROBE_BYTES // 4, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-        t0 = time.perf_counter()
-        x.to(self.lm.device, non_blocking=False)
-        if self.lm.device.type == "cuda":
-            torch.cuda.synchronize()
-        return _PROBE_BYTES, time.perf_counter() - t0
-
-    def _probe_redis(self) -> tuple[float, float]:
-        """A KV-shaped round trip through Redis (write, read, checksum, load), and the fixed latency of one."""
-        assert self.store is not None
-        info = self.lm.info
-        tokens = min(info.max_context, max(16, _PROBE_BYTES // info.kv_bytes_per_token))
-        layers = [
-            torch.zeros((1, info.num_kv_heads, tokens, info.head_dim), dtype=self.lm.dtype)
-            for _ in range(2 * info.num_layers)
-        ]
-        ids = tuple(n % info.vocab_size for n in range(tokens))
-        kv = KV(ids, tuple(layers[: info.num_layers]), tuple(layers[info.num_layers :]))
-        meta, chunks = self.chunks(kv)
-        key = f"chatrt:probe:{{{uuid.uuid4().hex}}}"  # their own keys (one cluster slot, by the hash tag)
-        keys = [f"{key}:{n}" for n in range(len(chunks))]
-        try:
-            self.store.put_values(dict(zip(keys, chunks, strict=True)))
-            self.cost.set_latency("redis", self.store.round_trip(key))
-            t0 = time.perf_counter()
-            from_chunks(meta, self.store.get_chunks(keys, meta.nbytes), self.spec, self.sealer, self.lm.device)
-            return meta.nbytes, time.perf_counter() - t0
-        finally:
-            with contextlib.suppress(StoreUnavailable):
-                self.store.delete_values(keys)
