@@ -41,7 +41,8 @@ from chatrt.errors import (
 )
 from chatrt.metrics import Metrics
 from chatrt.model import LoadedModel, Progress, load
-from chatrt.session import Parts, Session
+from chatrt.parts import Parts
+from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
 from chatrt.template import ChatTemplate, Message, check_text, check_turns
 

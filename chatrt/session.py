@@ -7,56 +7,24 @@ Each turn is a `chatrt.turn.Turn`: begun under the session's hold, finished once
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from typing_extensions import Unpack
 
 from chatrt.cache.kv import KV, KVMeta
-from chatrt.cache.prefix import PrefixEntry, PrefixStore
+from chatrt.cache.prefix import PrefixEntry
 from chatrt.cache.record import SessionRecord
-from chatrt.cache.spill import PrefixSpill
-from chatrt.cache.tiers import Tiers
-from chatrt.config import Config, TurnOptions
-from chatrt.engine import Engine
-from chatrt.errors import (
-    CloseIncomplete,
-    SessionBusy,
-    SessionClosed,
-    SessionConflict,
-    SessionLeased,
-    StoreUnavailable,
-)
-from chatrt.model import LoadedModel, ModelInfo
-from chatrt.stats import Recorder, SessionStats, TokenTotals, TurnStats
+from chatrt.config import TurnOptions
+from chatrt.errors import CloseIncomplete, SessionClosed, SessionConflict
+from chatrt.hold import Hold
+from chatrt.model import LoadedModel
+from chatrt.parts import Parts
+from chatrt.stats import SessionStats, TokenTotals, TurnStats
 from chatrt.template import ChatTemplate, Message
-from chatrt.turn import Reply, Turn, edit_plan, generation_params, regenerate_plan, send_plan
+from chatrt.turn import Plan, Reply, Turn, edit_plan, generation_params, regenerate_plan, send_plan
 
-if TYPE_CHECKING:
-    from chatrt.cache.journal import Journal
-
-__all__ = ["Parts", "Reply", "Session", "Turn"]
-
-
-@dataclass
-class Parts:
-    """What a session works with, handed down by the runtime that owns them (a session never reaches back up).
-    One object shared by the runtime's sessions: a config the runtime is given later applies to their next turns."""
-
-    config: Config
-    info: ModelInfo
-    template: ChatTemplate
-    engine: Engine
-    tiers: Tiers
-    prefixes: PrefixStore
-    spill: PrefixSpill
-    journal: Journal | None  # None without Redis
-    recorder: Recorder
-    forget: Callable[[Session, bool], None]
-    """The runtime lets go of a session that ended (closed: True, or only left this process: False)."""
+__all__ = ["Reply", "Session", "Turn"]
 
 
 class Session:
@@ -77,12 +45,8 @@ class Session:
         self.last_turn: TurnStats | None = None
         self.totals = TokenTotals()
         self.closed = False
-        self._lock = threading.Lock()
-        self._turn: Turn | None = None  # the turn that holds _lock
-        self._turn_thread: int | None = None  # the thread that reads it (None: an event loop)
-        self._closing = threading.Event()
+        self._hold = Hold(session_id, wait=lambda: parts.config.session.on_busy == "wait")
         self._prefix: PrefixEntry | None = None
-        self._last_ids: tuple[int, ...] = ()
         if parts.config.prefix.enabled:
             self._prefix = parts.prefixes.acquire(parts.template.prefix_ids(system_prompt))
 
@@ -131,24 +95,21 @@ class Session:
         """Send a user message: iterate the returned turn for the reply's text as it is generated. The turn is
         recorded when the iteration ends (`turn.reply`); stopping early (`turn.close()`) keeps the text streamed
         so far as the reply (finish_reason 'cancelled')."""
-        self._check_open()
-        return Turn(self, send_plan(text), generation_params(self.parts.config, options))
+        return self._turn(send_plan(text), options)
 
     def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
         """Replace the last reply with a new one for the same user message."""
         return self.stream_regenerate(**options).result()
 
     def stream_regenerate(self, **options: Unpack[TurnOptions]) -> Turn:
-        self._check_open()
-        return Turn(self, regenerate_plan(self.messages), generation_params(self.parts.config, options))
+        return self._turn(regenerate_plan(self.messages), options)
 
     def edit(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         """Replace the last user message (and its reply) and answer the new one."""
         return self.stream_edit(text, **options).result()
 
     def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> Turn:
-        self._check_open()
-        return Turn(self, edit_plan(self.messages, text), generation_params(self.parts.config, options))
+        return self._turn(edit_plan(self.messages, text), options)
 
     def stats(self) -> SessionStats:
         kv = self.kv
@@ -168,21 +129,13 @@ class Session:
 
         Raises CloseIncomplete when Redis cannot be reached: the session is closed here, and the runtime retries
         the delete until Redis answers, holding the session's lease meanwhile so no other process resumes it."""
-        self._stop_turn()
-        with self._lock:  # once no turn holds it; Redis is asked after, the session closed to every turn
+        self._hold.stop_turn()
+        with self._hold.lock:  # once no turn holds it; Redis is asked after, the session closed to every turn
             if self.closed:
                 return
             self._release()
-        failed: StoreUnavailable | None = None
         journal = self.parts.journal
-        if journal is not None:
-            try:
-                journal.delete(self.id)  # and a tombstone: rt.session(id) refuses it everywhere
-            except SessionLeased:
-                pass
-            except StoreUnavailable as e:
-                journal.delete_later(self.id)
-                failed = e
+        failed = journal.close_session(self.id) if journal is not None else None  # and a tombstone: refused everywhere
         self.parts.forget(self, True)
         if failed is not None:
             raise CloseIncomplete(
@@ -194,9 +147,9 @@ class Session:
         """Leave this process (runtime shutdown): with Redis the session and its KV stay there for another
         process to resume; the lease is given up. Memory here is freed either way. A running turn is stopped
         and recorded first, as by `close`."""
-        self._stop_turn()
+        self._hold.stop_turn()
         journal = self.parts.journal
-        with self._lock:
+        with self._hold.lock:
             if self.closed:
                 return
             meta, kv = self.parts.tiers.take(self.id)
@@ -206,9 +159,7 @@ class Session:
             chunks = None
             if kv is not None:
                 meta, chunks = self.parts.tiers.chunks(kv)
-            with contextlib.suppress(SessionConflict):  # another process holds it now: it is that one's
-                journal.save(record.model_copy(update={"kv": meta}), chunks)
-            journal.leave(self.id)
+            journal.hand_over(record.model_copy(update={"kv": meta}), chunks)
         self.parts.forget(self, False)
 
     def __enter__(self) -> Session:
@@ -235,15 +186,17 @@ class Session:
     @property
     def closing(self) -> bool:
         """close() was called: a running turn stops at its next piece."""
-        return self._closing.is_set()
+        return self._hold.closing.is_set()
 
     @contextmanager
     def hold(self, turn: Turn, thread: int | None) -> Iterator[None]:
         """Hold the session for one turn: its lock (`session.on_busy` says whether to wait for it), then its
         lease. `thread`: the thread that reads the turn (None: an event loop); a turn asked for by a thread
         whose own turn of this session is suspended can never start (it would wait for itself): SessionBusy."""
-        with self._busy(turn, thread), self._leased():
-            yield
+        with self._hold.take(turn, thread):
+            self._check_open()
+            with self._leased():
+                yield
 
     def commit(self, messages: list[Message], stats: TurnStats, kv: KV | None) -> None:
         """A turn's result becomes the session's: its transcript, counts, and (with Redis) the stored record,
@@ -256,12 +209,10 @@ class Session:
         p = self.parts
         if p.journal is None:
             return
+        through = p.config.tiers.redis_write_through and kv is not None and p.config.session.reuse
+        meta, chunks = p.tiers.chunks(kv) if through else (None, None)  # type: ignore[arg-type]
         try:  # the transcript is written through: it survives this process (and with it the KV, if configured)
-            if p.config.tiers.redis_write_through and kv is not None and p.config.session.reuse:
-                meta, chunks = p.tiers.chunks(kv)
-                p.journal.save(self.record(kv=meta), chunks)
-            else:
-                p.journal.save(self.record())
+            p.journal.save(self.record(kv=meta), chunks)
         except SessionConflict as e:  # not written over the other process's turn: back to what it stored
             conflict = SessionConflict(str(e), reply=messages[-1].content)
             with contextlib.suppress(SessionClosed):  # closed there: closed here too, the conflict says why
@@ -270,44 +221,18 @@ class Session:
 
     def discard(self) -> None:
         """Forget this process's copy without a word to Redis (a session whose creation failed there)."""
-        with self._lock:
+        with self._hold.lock:
             self._release()
 
     # -- holding it ---------------------------------------------------------------------------------
 
+    def _turn(self, plan: Plan, options: TurnOptions) -> Turn:
+        self._check_open()
+        return Turn(self, plan, generation_params(self.parts.config, options))
+
     def _check_open(self) -> None:
         if self.closed:
             raise SessionClosed(f"session {self.id} is closed; open a new session")
-
-    @contextmanager
-    def _busy(self, turn: Turn, thread: int | None) -> Iterator[None]:
-        if thread is not None and self._turn_thread == thread:
-            raise SessionBusy(
-                f"this thread is still streaming a reply of session {self.id}; read it to the end or close it "
-                "(turn.close()) before sending another message"
-            )
-        wait = self.parts.config.session.on_busy == "wait"
-        if not self._lock.acquire(blocking=wait):
-            raise SessionBusy(
-                f"session {self.id} is answering another message; wait for it to finish "
-                "(or set session.on_busy = 'wait' to queue turns)"
-            )
-        self._turn, self._turn_thread = turn, thread
-        try:
-            self._check_open()
-            yield
-        finally:
-            self._turn = self._turn_thread = None
-            self._lock.release()
-
-    def _stop_turn(self) -> None:
-        """Before closing: a turn streaming on another thread stops at its next piece; a turn of this thread,
-        suspended between pieces, is closed now (its text so far recorded), since waiting for it would be
-        waiting for ourselves."""
-        self._closing.set()
-        turn = self._turn
-        if turn is not None and self._turn_thread == threading.get_ident():
-            turn.close()
 
     @contextmanager
     def _leased(self) -> Iterator[None]:

@@ -185,7 +185,7 @@ def _run_mode(
     order = [(s, t) for t in range(w.turns) for s in range(w.sessions)]
     if not w.interleave:
         order.sort()
-    _warm_up(lm)
+    warm_up(lm)
     with ChatRuntime(lm, config) as rt:
         sessions = [rt.open_session(system_prompt=system) for _ in range(w.sessions)]
         t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> Restor
 
 def _restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> RestoreResult:
     config = config.with_values(tiers={"device_sessions": 1, "host_bytes": 0}, generation={"temperature": 0.0})
-    _warm_up(lm)
+    warm_up(lm)
     with ChatRuntime(lm, config) as rt:
         rng = random.Random(0)
         history = rt.open_session()
@@ -265,7 +265,7 @@ def _restore_vs_recompute(lm: LoadedModel, config: Config, tokens: int) -> Resto
         )
 
 
-def _warm_up(lm: LoadedModel) -> None:
+def warm_up(lm: LoadedModel) -> None:
     """One short forward, so the first timed turn of a mode does not pay for lazy initialisation."""
     with torch.inference_mode():
         lm.model(input_ids=torch.tensor([[1, 2, 3]], device=lm.device))

@@ -8,6 +8,7 @@ never costs a message: the session goes on in this process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from chatrt.cache.leases import LeaseKeeper
 from chatrt.cache.record import SessionRecord
 from chatrt.cache.store import RedisStore
-from chatrt.errors import InvalidMessage, SessionNotFound, StoreUnavailable
+from chatrt.errors import InvalidMessage, SessionConflict, SessionLeased, SessionNotFound, StoreUnavailable
 from chatrt.template import ChatTemplate, Message, check_text, check_turns
 
 Count = Callable[..., None]
@@ -68,6 +69,26 @@ class Journal:
             self.store.delete_session(session_id)
         finally:
             self.forget(session_id)
+
+    def close_session(self, session_id: str) -> StoreUnavailable | None:
+        """Delete the session everywhere (its tombstone refuses it to every process); a session another process
+        holds now is that one's and is left alone. Returns the failure when Redis is away: the delete is retried
+        until it answers, the lease held meanwhile, so no other process resumes it."""
+        try:
+            self.delete(session_id)
+        except SessionLeased:
+            pass
+        except StoreUnavailable as e:
+            self.delete_later(session_id)
+            return e
+        return None
+
+    def hand_over(self, record: SessionRecord, chunks: list[memoryview] | None) -> None:
+        """This process lets the session go for another to resume: its record (and KV chunks) written, the lease
+        given up. One that another process holds now is that one's: nothing is written over it."""
+        with contextlib.suppress(SessionConflict):
+            self.save(record, chunks)
+        self.leave(record.session_id)
 
     def delete_later(self, session_id: str) -> None:
         self.count(redis_errors=1)
