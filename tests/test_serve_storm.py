@@ -6,7 +6,6 @@ transformers gives on the client's own messages, and the idle sessions kept for 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatrt.bench.loadtest import sse_chunks
 from chatrt.template import ChatTemplate, Message, decode
 from tests.conftest import reference_reply, serve
 
@@ -77,10 +77,7 @@ async def turn(http: httpx.AsyncClient, messages: list[dict], leave_after: int |
     text, usage, session_id, events = "", {}, "", 0
     async with http.stream("POST", "/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(response):
             assert "error" not in chunk, chunk
             session_id, usage = chunk["session_id"], chunk.get("usage") or usage
             for choice in chunk["choices"]:

@@ -13,7 +13,8 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 from pydantic import BaseModel
@@ -66,6 +67,13 @@ def questions(user: int, turns: int) -> list[str]:
     return [f"(user {user}) " + asks[n % len(asks)].format(t=topic) for n in range(turns)]
 
 
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed chat completion (the `[DONE]` line and pings left out)."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: {"):
+            yield json.loads(line[6:])
+
+
 async def http_user(client: httpx.AsyncClient, model: str, user: int, turns: int, max_tokens: int) -> list[Turn]:
     """One stateless OpenAI-style client: the whole conversation each turn, streamed, usage at the end."""
     messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
@@ -78,10 +86,7 @@ async def http_user(client: httpx.AsyncClient, model: str, user: int, turns: int
         ttft, reply, usage = 0.0, "", {}
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(response):
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices", ()):
