@@ -60,6 +60,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     info: ModelInfo
     stop_ids: frozenset[int]
+    """Ids that end a reply (never part of it): end of turn, end of text, and every other control token."""
     cache_arg: str = "cache"
     """The forward argument that takes the KV cache: `cache` since transformers 5.2x, `past_key_values` before
     (which later 5.x releases warn about and 5.40 removes)."""
@@ -283,4 +284,8 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> fro
         ids.add(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    # Every control token ends a reply too: one in the reply's text would be a turn boundary (or a forged turn)
+    # that the transcript cannot hold, and however odd the sampling options, none ever comes out as text.
+    ids.update(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     return frozenset(ids)

@@ -183,29 +183,38 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(model: str | Path, max_new_tokens: int = 12, **env: object) -> Iterator[str]:
-    """A real `chatrt serve` process on a free loopback port; yields its base URL (…/v1) once /healthz answers.
+def serve(model: str | Path, max_new_tokens: int = 12, *, log: bool = False, **env: object) -> Iterator[Any]:
+    """A real `chatrt serve` process on a free loopback port; yields its base URL (…/v1) once /healthz answers
+    (with `log`: the URL and a function that reads what the process has printed so far).
     `env`: CHATRT_* settings, e.g. SERVE__API_KEY="k" or TIERS__REDIS_URL=url."""
     port = free_port()
     settings = {"GENERATION__MAX_NEW_TOKENS": max_new_tokens, **env}
     environ = {**os.environ, **{f"CHATRT_{k}": str(v) for k, v in settings.items()}}
     chatrt = Path(sys.executable).with_name("chatrt")
     cmd = [str(chatrt), "serve", "--model", str(model), "--dtype", "float32", "--port", str(port)]
-    with tempfile.TemporaryFile(mode="w+") as log:  # read back when it fails to start
-        proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with tempfile.NamedTemporaryFile(mode="w+") as out:  # read back when it fails to start
+        proc = subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT, text=True)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
             while True:
                 if proc.poll() is not None:
-                    log.seek(0)
-                    raise AssertionError(f"chatrt serve exited with {proc.returncode}: {log.read()[-3000:]}")
+                    out.seek(0)
+                    raise AssertionError(f"chatrt serve exited with {proc.returncode}: {out.read()[-3000:]}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
                         break
                 assert time.monotonic() < deadline, "chatrt serve did not start within 120 s"
                 time.sleep(0.2)
-            yield f"{base}/v1"
+            if log:
+
+                def printed() -> str:
+                    with open(out.name) as f:
+                        return f.read()
+
+                yield f"{base}/v1", printed
+            else:
+                yield f"{base}/v1"
         finally:
             proc.terminate()
             try:

@@ -4,7 +4,9 @@ and by matching a stateless client's history, the error statuses, and a client t
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -112,6 +114,12 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
             400,
             "whole turns",
         ),
+        # Nothing is coerced, and OpenAI's limits hold.
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "stop"),
     ],
 )
 def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, client, body, status, says):
@@ -242,3 +250,38 @@ def test_a_stop_string_before_any_text_ends_the_reply_empty_streamed_and_not(ser
     with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
         s = rt.open_session(messages=held["messages"])
         assert again.choices[0].message.content == s.send("Go on").text
+
+
+def test_a_lone_surrogate_is_named_as_such(server, client):
+    body = json.dumps({"model": model_id(client), "messages": [{"role": "user", "content": "a @ b"}]})
+    body = body.replace("@", "\\ud800")  # json.dumps would not write a lone surrogate escape
+    response = httpx.post(f"{server}/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "lone surrogate" in response.json()["error"]["message"]
+    paired = body.replace("\\ud800", "\\ud83d\\ude00")  # a surrogate pair is a character like any other
+    assert httpx.post(f"{server}/chat/completions", content=paired).status_code == 200
+
+
+def test_a_body_that_ends_early_is_one_log_line(tiny_folder):
+    """A client that sends less than its Content-Length and leaves: one warning, no traceback."""
+    with serve(tiny_folder, log=True) as (url, log):
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{\"model\": ")  # fmt: skip
+        assert httpx.get(url.removesuffix("/v1") + "/healthz").status_code == 200
+        deadline = time.monotonic() + 10
+        while log().count("the client left after") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log()
+        assert text.count("the client left after") == 3 and "Traceback" not in text
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_readyz_shows_the_pid_only_with_the_key(tiny_folder):
+    with serve(tiny_folder, SERVE__API_KEY="sekret") as url:
+        base = url.removesuffix("/v1")
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert httpx.get(f"{url}/models", headers={"Authorization": f"{scheme} sekret"}).status_code == 200
+        assert httpx.get(f"{url}/models", headers={"Authorization": "Basic sekret"}).status_code == 401
+        assert "pid" not in httpx.get(f"{base}/readyz").json()
+        assert "pid" in httpx.get(f"{base}/readyz", headers={"Authorization": "Bearer sekret"}).json()

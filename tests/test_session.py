@@ -517,3 +517,17 @@ def test_a_seed_history_that_is_not_whole_turns_is_a_typed_error(runtime, messag
     with pytest.raises(InvalidMessage):
         runtime.open_session(messages=messages)
     assert runtime.sessions() == []
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-30, 1e-3, 0.5, 2.0, 1e3, 1e30, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_control_token_ever_comes_out_as_reply_text(runtime, penalty, temperature):
+    """However odd the sampling options (a penalty of 1e-300 makes every token seen so far infinitely likely, the
+    prompt's <|im_start|> among them), a control token ends the reply; it is never text."""
+    tokenizer = runtime.lm.tokenizer
+    controls = [t for i, t in tokenizer.added_tokens_decoder.items() if t.special] + tokenizer.all_special_tokens
+    s = runtime.open_session(system_prompt="You are terse.")
+    for _ in range(3):
+        reply = s.send("hello <there>", repetition_penalty=penalty, temperature=temperature, seed=1, max_new_tokens=24)
+        assert not any(str(c) in reply.text for c in controls), reply.text
+        assert not set(reply.token_ids) & runtime.lm.stop_ids

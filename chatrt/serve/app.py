@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from chatrt.async_runtime import AsyncChatRuntime
 from chatrt.config import ServeConfig
@@ -48,19 +50,24 @@ from chatrt.template import Message
 from chatrt.turn import AsyncTurn
 
 M = TypeVar("M", bound=BaseModel)
+HIGH, LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # UTF-16 surrogate escapes
+LONE_SURROGATE = re.compile(f"{HIGH}(?!{LOW})|(?<!{HIGH}){LOW}")  # one without its other half: not Unicode
 log = logging.getLogger("chatrt")
 SESSION_HEADER = "x-session-id"
 
 
 class HTTPError(Exception):
-    """An error answered as OpenAI does: {"error": {message, type, code}} with an HTTP status."""
+    """An error answered as OpenAI does: {"error": {message, type, param, code}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str, code: str | None = None, *, retry_after: int = 0):
+    def __init__(self, status: int, message: str, type: str, code: str | None = None, *, retry_after: int = 0,
+                 param: str | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.retry_after = status, message, type, code, retry_after
+        self.param = param
 
     def body(self) -> wire.ErrorResponse:
-        return wire.ErrorResponse(error=wire.ErrorBody(message=self.message, type=self.type, code=self.code))
+        error = wire.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return wire.ErrorResponse(error=error)
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
@@ -103,25 +110,39 @@ class Server:
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPError(413, f"the request body is over {limit} bytes", "invalid_request_error")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPError(413, f"the request body is over {limit} bytes", "invalid_request_error")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPError(413, f"the request body is over {limit} bytes", "invalid_request_error")
+        except ClientDisconnect:  # one line, not a traceback: a client that sends less than it said is cheap
+            log.warning("%s %s: the client left after %d of %s bytes of its body", request.method,
+                        request.url.path, len(body), request.headers.get("content-length", "?"))  # fmt: skip
+            raise HTTPError(400, "the request body ended before its Content-Length", "invalid_request_error") from None
         try:
             return model.model_validate_json(bytes(body))
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(map(str, err["loc"])) or "body"
-            raise HTTPError(400, f"{where}: {err['msg']}", "invalid_request_error") from None
+            if err["type"] == "json_invalid" and LONE_SURROGATE.search(body.decode("utf-8", "replace")):
+                raise HTTPError(400, "a string holds a lone surrogate escape (such as \\ud800): text must be valid "
+                                "Unicode; send a surrogate pair or the character itself", "invalid_request_error",
+                                param=where) from None  # fmt: skip
+            raise HTTPError(400, f"{where}: {err['msg']}", "invalid_request_error", param=where) from None
 
     def authorize(self, request: Request) -> None:
         key = self.config.api_key.get_secret_value()
         if not key:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        if not self.authorized(request):
             message = "a valid API key is required: send Authorization: Bearer <key>"
             raise HTTPError(401, message, "authentication_error", "invalid_api_key")
+
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries the API key (`Bearer`, any case, as RFC 9110 says of schemes)."""
+        key = self.config.api_key.get_secret_value()
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        return bool(key) and scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), key.encode())
 
     def admit(self) -> None:
         """Count a request in, or refuse it with 503 when the engine's batch and queue are full. Every admitted
@@ -314,15 +335,17 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         store = server.rt.store
         if store is not None:
             try:
                 await asyncio.to_thread(store.ping)
             except StoreUnavailable as e:
                 return HTTPError(503, f"Redis is not reachable: {e}", "overloaded_error", retry_after=1).response()
-        redis = "off" if store is None else "ok"
-        return JSONResponse({"status": "ready", "model": server.model_id, "redis": redis, "pid": os.getpid()})
+        ready = {"status": "ready", "model": server.model_id, "redis": "off" if store is None else "ok"}
+        if server.authorized(request):  # process details only for who holds the key
+            ready["pid"] = os.getpid()
+        return JSONResponse(ready)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,22 +1,26 @@
 """The OpenAI chat-completions wire format, as far as chatrt serves it, plus chatrt's session extensions.
 
 Requests are strict: a field chatrt does not honour (tools, n > 1, logprobs, ...) is a 400 that names it, not a
-silently different answer. Responses carry the fields the official clients read.
+silently different answer, and no value is coerced (`"stream": "yes"` and `"max_tokens": "5"` are 400s, as in
+OpenAI's API). Responses carry the fields the official clients read.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatrt.engine import FinishReason
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+StopString = Annotated[str, Field(min_length=1)]
+
 
 class WireMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
@@ -35,13 +39,13 @@ class WireMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     messages: list[WireMessage] = Field(min_length=1)
@@ -50,7 +54,8 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    """Up to 4 non-empty strings, as OpenAI allows."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -79,7 +84,7 @@ class ChatRequest(BaseModel):
 class SessionRequest(BaseModel):
     """POST /v1/sessions: open a session (optionally with a history the client kept)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     session_id: str | None = None
     system_prompt: str | None = None
