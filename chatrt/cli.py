@@ -156,6 +156,13 @@ def _serve(args: argparse.Namespace) -> int:
     with rt:
         cfg = config.serve
         err.print(f"chatrt serve: {rt.lm.info.name} on http://{cfg.host}:{cfg.port}/v1")
+        if not cfg.api_key.get_secret_value():
+            err.print("[yellow]warning:[/yellow] no serve.api_key: anyone who can reach the port can use the model "
+                      "and every session (set CHATRT_SERVE__API_KEY)")  # fmt: skip
+        if rt.store is not None and not config.tiers.redis_secret.get_secret_value():
+            from chatrt.runtime import REDIS_UNSIGNED
+
+            err.print(f"[yellow]warning:[/yellow] {escape(REDIS_UNSIGNED)}")
         uvicorn.run(create_app(AsyncChatRuntime(rt), cfg), host=cfg.host, port=cfg.port, log_level="info")
     return 0
 

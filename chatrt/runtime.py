@@ -46,7 +46,14 @@ from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
 from chatrt.template import ChatTemplate, Message, check_text, check_turns
 
+log = logging.getLogger("chatrt")
 turn_log = logging.getLogger("chatrt.turns")
+REDIS_UNSIGNED = (
+    "Redis is configured without tiers.redis_secret: whoever can write to that Redis can rewrite a stored "
+    "session's transcript or KV (and recompute its sha256 digest), and this process will trust it on resume. "
+    "Set tiers.redis_secret (CHATRT_TIERS__REDIS_SECRET) to the same secret on every process of the deployment: "
+    "records and caches are then signed (HMAC-SHA256) and a forged one is refused."
+)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
@@ -76,6 +83,8 @@ class ChatRuntime:
                 cluster=tiers.redis_cluster,
             )
             self.board = Board(self.store)
+            if not tiers.redis_secret.get_secret_value():
+                log.warning(REDIS_UNSIGNED)
         self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
         self.spill = PrefixSpill(self.tiers)

@@ -182,10 +182,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(str):
+    """A served base URL (…/v1) that also knows its process: `pid`, and `printed()`, what it has printed so far."""
+
+    pid: int
+    printed: Callable[[], str]
+
+
 @contextlib.contextmanager
-def serve(model: str | Path, max_new_tokens: int = 12, *, log: bool = False, **env: object) -> Iterator[Any]:
-    """A real `chatrt serve` process on a free loopback port; yields its base URL (…/v1) once /healthz answers
-    (with `log`: the URL and a function that reads what the process has printed so far).
+def serve(model: str | Path, max_new_tokens: int = 12, **env: object) -> Iterator[Served]:
+    """A real `chatrt serve` process on a free loopback port; yields its base URL (…/v1) once /healthz answers.
     `env`: CHATRT_* settings, e.g. SERVE__API_KEY="k" or TIERS__REDIS_URL=url."""
     port = free_port()
     settings = {"GENERATION__MAX_NEW_TOKENS": max_new_tokens, **env}
@@ -206,15 +212,10 @@ def serve(model: str | Path, max_new_tokens: int = 12, *, log: bool = False, **e
                         break
                 assert time.monotonic() < deadline, "chatrt serve did not start within 120 s"
                 time.sleep(0.2)
-            if log:
-
-                def printed() -> str:
-                    with open(out.name) as f:
-                        return f.read()
-
-                yield f"{base}/v1", printed
-            else:
-                yield f"{base}/v1"
+            served = Served(f"{base}/v1")
+            served.pid = proc.pid
+            served.printed = lambda: Path(out.name).read_text()
+            yield served
         finally:
             proc.terminate()
             try:

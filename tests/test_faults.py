@@ -19,6 +19,7 @@ from chatrt.cache.kv import KV, to_chunks
 from chatrt.cache.record import SessionRecord
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionLeased, SessionNotFound
 from chatrt.redis_server import RedisServer
+from chatrt.runtime import REDIS_UNSIGNED
 from tests.conftest import threaded, tiered, tiny_llama
 from tests.test_session import assert_exact, random_message
 
@@ -332,11 +333,38 @@ def test_with_a_secret_records_the_deployment_did_not_sign_are_refused(tiny_lm, 
     stored_session(tiny_lm, redis_url, **secret)
     ids = SessionRecord.model_validate_json(redis_client.get("chatrt:{forged}:meta")).kv.ids
     forge(redis_client, "forged", meta={"ids": (*ids[:-4], *ids[-3:], ids[-4])})
-    with tiered(tiny_lm, redis_url, **secret) as rt, pytest.raises(SessionNotFound, match="no session"):
+    with tiered(tiny_lm, redis_url, **secret) as rt, pytest.raises(SessionNotFound, match="not signed with this "
+                                                                     "deployment's secret"):  # fmt: skip
         rt.session("forged")
     stored_session(tiny_lm, redis_url.replace("/0", "/1"))  # another deployment, no secret: a plain sha256
-    with tiered(tiny_lm, redis_url.replace("/0", "/1"), **secret) as rt, pytest.raises(SessionNotFound):
+    with tiered(tiny_lm, redis_url.replace("/0", "/1"), **secret) as rt, pytest.raises(SessionNotFound,
+                                                                                        match="refused"):  # fmt: skip
         rt.session("forged")
     with tiered(tiny_lm, redis_url, **secret) as rt:  # the id is free for a new conversation of this deployment
         s = rt.open_session(session_id="forged")
         assert_exact(s, s.send("a new conversation"), 12)
+
+
+def test_a_refused_record_says_why(tiny_lm, redis_url, redis_client):
+    stored_session(tiny_lm, redis_url)
+    record = json.loads(redis_client.get("chatrt:{forged}:meta"))
+    record["messages"][0]["content"] = "something else"  # the digest is not recomputed
+    redis_client.set("chatrt:{forged}:meta", json.dumps(record))
+    with tiered(tiny_lm, redis_url) as rt, pytest.raises(SessionNotFound, match="altered after it was written"):
+        rt.session("forged")
+    redis_client.set("chatrt:{forged}:meta", b"{not json")
+    with tiered(tiny_lm, redis_url) as rt, pytest.raises(SessionNotFound, match="unreadable"):
+        rt.session("forged")
+    with tiered(tiny_lm, redis_url) as rt, pytest.raises(SessionNotFound, match="no session has id"):
+        rt.session("never-stored")
+
+
+def test_redis_without_a_secret_is_said_out_loud_once_at_start(tiny_lm, redis_url, caplog):
+    with caplog.at_level(logging.WARNING, logger="chatrt"), tiered(tiny_lm, redis_url):
+        pass
+    assert [r.getMessage() for r in caplog.records].count(REDIS_UNSIGNED) == 1
+    assert "tiers.redis_secret" in REDIS_UNSIGNED and "rewrite a stored session" in REDIS_UNSIGNED
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chatrt"), tiered(tiny_lm, redis_url, redis_secret="s3cret"):
+        pass
+    assert REDIS_UNSIGNED not in [r.getMessage() for r in caplog.records]

@@ -263,7 +263,7 @@ def test_a_lone_surrogate_is_named_as_such(server, client):
 
 def test_a_body_that_ends_early_is_one_log_line(tiny_folder):
     """A client that sends less than its Content-Length and leaves: one warning, no traceback."""
-    with serve(tiny_folder, log=True) as (url, log):
+    with serve(tiny_folder) as url:
         host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
         for _ in range(3):
             with socket.create_connection((host, int(port))) as sock:
@@ -271,9 +271,9 @@ def test_a_body_that_ends_early_is_one_log_line(tiny_folder):
                              b"Content-Length: 1000\r\n\r\n{\"model\": ")  # fmt: skip
         assert httpx.get(url.removesuffix("/v1") + "/healthz").status_code == 200
         deadline = time.monotonic() + 10
-        while log().count("the client left after") < 3 and time.monotonic() < deadline:
+        while url.printed().count("the client left after") < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
-        text = log()
+        text = url.printed()
         assert text.count("the client left after") == 3 and "Traceback" not in text
 
 
@@ -285,3 +285,9 @@ def test_the_bearer_scheme_is_case_insensitive_and_readyz_shows_the_pid_only_wit
         assert httpx.get(f"{url}/models", headers={"Authorization": "Basic sekret"}).status_code == 401
         assert "pid" not in httpx.get(f"{base}/readyz").json()
         assert "pid" in httpx.get(f"{base}/readyz", headers={"Authorization": "Bearer sekret"}).json()
+
+
+def test_serve_says_at_start_what_an_open_port_and_an_unsigned_redis_allow(tiny_folder, redis_url):
+    with serve(tiny_folder, TIERS__REDIS_URL=redis_url) as url:
+        text = " ".join(url.printed().split())  # the console wraps long lines
+        assert "no serve.api_key" in text and "without tiers.redis_secret" in text

@@ -114,9 +114,7 @@ class Journal:
         SessionLeased, SessionClosed, or SessionNotFound when there is none or its transcript cannot be used."""
         self.store.take_lease(session_id)
         try:
-            record = self.store.get_session(session_id)
-            if record is None:
-                raise SessionNotFound(f"no session has id {session_id!r} here or in Redis; open a new one")
+            record = self.store.read_session(session_id)
             record = record.model_copy(update={"messages": self.transcript(record)})
         except BaseException:
             self.call(self.store.release_lease, session_id)

@@ -34,6 +34,7 @@ from chatrt.errors import (
     SessionClosed,
     SessionConflict,
     SessionLeased,
+    SessionNotFound,
     StoreUnavailable,
 )
 
@@ -103,11 +104,23 @@ class RedisStore:
     def get_session(self, session_id: str) -> SessionRecord | None:
         """The stored record; None when there is none or it cannot be trusted (unreadable, another session's, not
         signed with this deployment's secret). Raises SessionClosed when the session was closed."""
+        try:
+            return self.read_session(session_id)
+        except SessionNotFound:
+            return None
+
+    def read_session(self, session_id: str) -> SessionRecord:
+        """The stored record. Raises SessionClosed when the session was closed, SessionNotFound when there is none
+        or it cannot be trusted, saying why."""
         with self.guard("read a session"):
             raw, closed = self.client.mget(session_key(session_id, "meta"), session_key(session_id, "closed"))
-        record = self._trusted(session_id, raw)
+        record, why = self._trusted(session_id, raw)
         if record is None and closed is not None:
             raise SessionClosed(f"session {session_id} was closed; open a new session")
+        if record is None:
+            raise SessionNotFound(f"no session has id {session_id!r} here or in Redis; open a new one" if raw is None
+                                  else f"session {session_id!r} is in Redis, but its record was refused: {why}; "
+                                  "it cannot be resumed, open a new session")  # fmt: skip
         return record
 
     def create_session(self, record: SessionRecord) -> None:
@@ -241,7 +254,7 @@ class RedisStore:
                     try:
                         pipe.watch(*keys)
                         raw, holder, closed = (pipe.get(key) for key in keys)  # read at once while watched
-                        result = write(pipe, _Stored(self._trusted(session_id, raw), holder, closed is not None))
+                        result = write(pipe, _Stored(self._trusted(session_id, raw)[0], holder, closed is not None))
                         pipe.execute()  # what `write` queued after multi(), if anything
                         return result
                     except redis.WatchError:
@@ -270,16 +283,24 @@ class RedisStore:
     def _sealed(self, record: SessionRecord) -> SessionRecord:
         return record.model_copy(update={"sig": self.sealer.digest(_record_bytes(record))})
 
-    def _trusted(self, session_id: str, raw: bytes | None) -> SessionRecord | None:
+    def _trusted(self, session_id: str, raw: bytes | None) -> tuple[SessionRecord | None, str]:
+        """The stored record when it can be trusted, else None and why not."""
         if raw is None:
-            return None
+            return None, "absent"
         record = parse(SessionRecord, raw)
-        sealed = record is not None and self.sealer.verify(record.sig, _record_bytes(record))
-        if record is not None and sealed and record.session_id == session_id:
-            return record
-        log.warning("refused the stored record of session %s: unreadable, another session's, altered or not signed "
-                    "with this deployment's secret", session_id)  # fmt: skip
-        return None
+        if record is None:
+            why = "it is unreadable (damaged, or written by another version of chatrt)"
+        elif record.session_id != session_id:
+            why = f"it is the record of another session ({record.session_id!r})"
+        elif self.sealer.verify(record.sig, _record_bytes(record)):
+            return record, ""
+        elif self.sealer.signed:
+            why = ("it is not signed with this deployment's secret (tiers.redis_secret): written by a process "
+                   "without the secret, or altered since")  # fmt: skip
+        else:
+            why = "it was altered after it was written (its digest does not match)"
+        log.warning("refused the stored record of session %s: %s", session_id, why)
+        return None, why
 
     # -- prefixes --------------------------------------------------------------------------------
 

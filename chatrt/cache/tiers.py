@@ -173,7 +173,7 @@ class Tiers:
         with self._lock:
             eviction = self._ladder.take_idle(session_id)
         if eviction is not None:
-            self._move_down(eviction)
+            self._drain([eviction])
             self.settle()
         return self.where(session_id)
 
@@ -270,16 +270,23 @@ class Tiers:
                     if not evictions:
                         self._settling = False
                         return
-                for eviction in evictions:
-                    self._move_down(eviction)
+                self._drain(evictions)
         except BaseException:
             with self._lock:
                 self._settling = False
             raise
 
-    def _move_down(self, e: Eviction) -> None:
+    def _drain(self, evictions: list[Eviction]) -> None:
+        """Move these caches down, and those their landings push off the next tier."""
+        work = deque(evictions)
+        while work:
+            work.extend(self._move_down(work.popleft()))
+
+    def _move_down(self, e: Eviction) -> list[Eviction]:
         """One step down the ladder for a cache the policy took off `e.tier`, then landed (or discarded, when
-        its session was dropped meanwhile). Frees the device copy; writes to Redis outside the lock."""
+        its session was dropped meanwhile). Frees the device copy; writes to Redis outside the lock. Returns the
+        caches its landing pushed over the next tier's budget, taken off it in the same step (so no tier is ever
+        seen over its budget by a landing) for the caller to move on."""
         dst: Tier | None = None
         slot: Slot | None = None
         if e.tier == "device":
@@ -300,15 +307,17 @@ class Tiers:
         with self._lock:
             landed = self._ladder.land(e.session_id, dst, slot)
             self._lock.notify_all()
+            pushed = self._ladder.evict()
         if not landed:  # dropped while it moved (closed): nothing of it may stay
             if dst == "redis":
                 self._after_promotion(e.session_id, "redis")
-            return
+            return pushed
         if dst is not None:
             self.count(demotions=1)
         else:
             self.count(drops=1)
         self._log(e.session_id, e.tier, dst or "dropped")
+        return pushed
 
     def chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
         """The KV as Redis stores it: metadata and sealed chunks (serializes and hashes: call outside locks)."""
