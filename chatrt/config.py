@@ -9,7 +9,7 @@ import os
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
 
@@ -183,6 +183,16 @@ class ServeConfig(_Section):
     stateless_sessions: int = Field(256, ge=1)
     """Sessions kept for clients that resend the whole conversation (no session id); least recently used are
     closed beyond this."""
+    api_keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")], SecretStr] = {}
+    """Tenants, as name = key (better as CHATRT_SERVE__API_KEYS='{acme = "k1", beta = "k2"}'). A request's key
+    names its tenant, and a tenant sees and reaches only its own sessions and conversations. `api_key` is the
+    shorthand for one tenant."""
+    session_idle_s: float = Field(3600.0, ge=0)
+    """A session unused this long is closed on every tier (0: never); each turn renews it."""
+    tenant_sessions: int = Field(0, ge=0)
+    """Open sessions one tenant may hold (0: an equal share of session.max_sessions)."""
+    tenant_requests: int = Field(0, ge=0)
+    """Requests one tenant may have running or queued (0: an equal share of engine.max_batch + max_waiting)."""
 
 
 class Config(_Section):

@@ -7,6 +7,7 @@ Each turn is a `chatrt.turn.Turn`: begun under the session's hold, finished once
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,6 +46,8 @@ class Session:
         self.last_turn: TurnStats | None = None
         self.totals = TokenTotals()
         self.closed = False
+        self.used_at = time.monotonic()
+        """When a turn last began or ended (time.monotonic()): what idle expiry goes by."""
         self._hold = Hold(session_id, wait=lambda: parts.config.session.on_busy == "wait")
         self._prefix: PrefixEntry | None = None
         if parts.config.prefix.enabled:
@@ -184,6 +187,11 @@ class Session:
         return self._prefix
 
     @property
+    def busy(self) -> bool:
+        """A turn holds the session now."""
+        return self._hold.lock.locked()
+
+    @property
     def closing(self) -> bool:
         """close() was called: a running turn stops at its next piece."""
         return self._hold.closing.is_set()
@@ -195,6 +203,7 @@ class Session:
         whose own turn of this session is suspended can never start (it would wait for itself): SessionBusy."""
         with self._hold.take(turn, thread):
             self._check_open()
+            self.used_at = time.monotonic()
             with self._leased():
                 yield
 
@@ -202,7 +211,7 @@ class Session:
         """A turn's result becomes the session's: its transcript, counts, and (with Redis) the stored record,
         with `kv` when configured to write it through. Caller holds the session (`hold`).
         Raises SessionConflict, after adopting the stored transcript, when another process wrote it meanwhile."""
-        self.messages = messages
+        self.messages, self.used_at = messages, time.monotonic()
         self.turns += 1
         self.last_turn = stats
         self.totals.add(stats)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
-import secrets
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -42,8 +43,10 @@ from chatrt.errors import (
     StoreUnavailable,
     TooManySessions,
 )
+from chatrt.runtime import check_session_id
 from chatrt.serve import wire
 from chatrt.serve.stateless import Conversations, digest
+from chatrt.serve.tenants import Tenant, Tenants
 from chatrt.session import Session
 from chatrt.stats import TurnStats
 from chatrt.template import Message
@@ -85,13 +88,13 @@ def http_error(e: ChatrtError) -> HTTPError:
         return HTTPError(404, message, "not_found_error", "session_not_found")
     if isinstance(e, SessionLeased | SessionBusy | SessionConflict):
         return HTTPError(409, message, "conflict_error", "session_in_use")
-    if isinstance(e, TooManySessions | StoreUnavailable | RuntimeClosed):
+    if isinstance(e, TooManySessions | StoreUnavailable | RuntimeClosed):  # TooManySessions: the runtime's limit
         return HTTPError(503, message, "overloaded_error", retry_after=1)
     return HTTPError(500, message, "server_error")
 
 
 class Server:
-    """The app's state: the runtime, the admission count, the stateless clients' sessions."""
+    """The app's state: the runtime, the tenants, the admission count, the stateless clients' sessions."""
 
     def __init__(self, art: AsyncChatRuntime, config: ServeConfig) -> None:
         self.art, self.config = art, config
@@ -100,6 +103,7 @@ class Server:
         self.limit = self.rt.config.engine.max_batch + config.max_waiting
         self.in_flight = 0
         self._admission = threading.Lock()
+        self.tenants = Tenants(config, self.rt.config.session.max_sessions, self.limit)
         self.conversations = Conversations(config.stateless_sessions)
 
     # -- requests in -------------------------------------------------------------------------------
@@ -130,96 +134,138 @@ class Server:
                                 param=where) from None  # fmt: skip
             raise HTTPError(400, f"{where}: {err['msg']}", "invalid_request_error", param=where) from None
 
-    def authorize(self, request: Request) -> None:
-        key = self.config.api_key.get_secret_value()
-        if not key:
-            return
-        if not self.authorized(request):
+    def authorize(self, request: Request) -> Tenant:
+        """The tenant the request's API key names (401 without one)."""
+        tenant = self.tenants.identify(request.headers.get("authorization", ""))
+        if tenant is None:
             message = "a valid API key is required: send Authorization: Bearer <key>"
             raise HTTPError(401, message, "authentication_error", "invalid_api_key")
+        return tenant
 
     def authorized(self, request: Request) -> bool:
-        """Whether the request carries the API key (`Bearer`, any case, as RFC 9110 says of schemes)."""
-        key = self.config.api_key.get_secret_value()
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        return bool(key) and scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), key.encode())
+        """Whether the request carries one of the server's API keys (there are some)."""
+        return bool(self.tenants.keys) and self.tenants.identify(request.headers.get("authorization", "")) is not None
 
-    def admit(self) -> None:
-        """Count a request in, or refuse it with 503 when the engine's batch and queue are full. Every admitted
-        request is counted out by `release`, once (from the thread that finished its turn)."""
+    def admit(self, tenant: Tenant) -> None:
+        """Count a request in, or refuse it: 503 when the engine's batch and queue are full, 429 when its tenant
+        has its share in flight. Every admitted request is counted out by `release`, once (from the thread that
+        finished its turn)."""
         with self._admission:
             if self.in_flight >= self.limit:
                 raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server "
                                 "takes; retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
+            if not self.tenants.admit(tenant):
+                raise HTTPError(429, f"tenant {tenant.name!r} has {self.tenants.max_requests} requests running or "
+                                "queued, its share of this server (serve.tenant_requests); retry when one has ended",
+                                "rate_limit_error", "rate_limit_exceeded", retry_after=1)  # fmt: skip
             self.in_flight += 1
 
-    def release(self) -> None:
+    def release(self, tenant: Tenant) -> None:
         with self._admission:
             assert self.in_flight > 0
             self.in_flight -= 1
+            self.tenants.release(tenant)
 
     # -- which session answers -------------------------------------------------------------------
 
-    async def open_turn(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, AsyncTurn]:
+    async def open_turn(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, AsyncTurn]:
         """The turn that answers this request, not begun yet. Found or opened on a worker thread, as a task of
         its own: a client that leaves meanwhile still has its turn finished (a stateless session given back)."""
-        opening = asyncio.ensure_future(asyncio.to_thread(self._open_turn, req, header))
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_turn, req, header, tenant))
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
             opening.add_done_callback(_abandon)
             raise
 
-    def _open_turn(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, AsyncTurn]:
-        session, text, stateless = self.resolve(req, header)
+    def _open_turn(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, AsyncTurn]:
+        session, text, scope = self.resolve(req, header, tenant)
         try:
             turn = session.stream(text, **req.options())
         except BaseException:
-            if stateless:
-                self.give_back(session, session.messages)
+            if scope is not None:
+                self.give_back(scope, session, session.messages)
             raise
-        if stateless:  # indexed again once the turn has finished, under what it recorded
-            turn.add_done_callback(lambda t: self.give_back(session, t.transcript))
+        if scope is not None:  # indexed again once the turn has finished, under what it recorded
+            turn.add_done_callback(lambda t: self.give_back(scope, session, t.transcript))
         return session, AsyncTurn(turn)
 
-    def resolve(self, req: wire.ChatRequest, header: str | None) -> tuple[Session, str, bool]:
-        """The session that answers this request, the user message to send it, and whether it is a stateless
-        client's (given back to the index when its turn has finished). Blocks (Redis may be asked)."""
+    def resolve(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, str, str | None]:
+        """The session of `tenant` that answers this request, the user message to send it, and for a stateless
+        client the scope its conversations are matched in (its session is given back to the index under it once
+        its turn has finished). Blocks (Redis may be asked)."""
         messages = [_message(m) for m in req.messages]
         if messages[-1].role != "user":
             raise HTTPError(400, "the last message must be the user's", "invalid_request_error")
         session_id = header or req.session_id
         if session_id is not None:
-            session = self.rt.session(session_id)
+            session = self.rt.session(tenant.internal(check_session_id(session_id)))
             held = [Message(role=m.role, content=m.content) for m in session.transcript]
             if len(messages) > 1 and messages[:-1] != held:
                 raise HTTPError(400, f"the messages do not continue session {session_id}: with a session id, send "
                                 "only the new user message", "invalid_request_error")  # fmt: skip
-            return session, messages[-1].content, False
+            return session, messages[-1].content, None
         system = messages[0].content if messages[0].role == "system" else None
         history = messages[1:-1] if system is not None else messages[:-1]
-        claimed = self.conversations.claim(system, history)
+        scope = json.dumps([tenant.name, req.user, req.cache_salt])
+        claimed = self.conversations.claim(scope, system, history)
         if claimed is not None:
             with contextlib.suppress(SessionNotFound, SessionClosed):
                 session = self.rt.session(claimed)
-                if not session.closed and digest(session.system_prompt, session.messages) == digest(system, history):
-                    return session, messages[-1].content, True
-                self.give_back(session, session.messages)  # used by id meanwhile: it holds another conversation
-        session = self.rt.open_session(system, messages=history)
-        return session, messages[-1].content, True
+                if not session.closed and digest(scope, session.system_prompt, session.messages) == digest(
+                    scope, system, history
+                ):
+                    return session, messages[-1].content, scope
+                self.give_back(scope, session, session.messages)  # used by id meanwhile: another conversation
+        return self.open(tenant, system, messages=history), messages[-1].content, scope
 
-    def give_back(self, session: Session, transcript: list[Message] | None) -> None:
-        """A stateless client's turn has finished and let its session go: it can be matched again under the
-        transcript that turn left; the oldest beyond capacity are closed. Blocks (closing asks Redis)."""
+    def open(self, tenant: Tenant, system_prompt: str | None, *, session_id: str | None = None,
+             messages: Sequence[Message] = ()) -> Session:  # fmt: skip
+        """A new session of `tenant`'s. At a limit (the tenant's share, or the runtime's session.max_sessions)
+        the least recently used idle stateless session makes room first; only when there is none is the request
+        refused, saying which limit. Blocks."""
+        while True:
+            full = sum(tenant.owns(s.id) for s in self.rt.sessions()) >= self.tenants.max_sessions
+            try:
+                if not full:
+                    internal = tenant.internal(check_session_id(session_id)) if session_id else None
+                    return self.rt.open_session(system_prompt, session_id=internal, messages=messages)
+            except TooManySessions:
+                room = self.conversations.reclaim(lambda _: True)
+                if room is None:
+                    raise
+            else:
+                room = self.conversations.reclaim(tenant.owns)
+                if room is None:
+                    raise HTTPError(429, f"tenant {tenant.name!r} holds {self.tenants.max_sessions} open sessions, its "
+                                    "share of this server (serve.tenant_sessions); close some (DELETE "
+                                    "/v1/sessions/{id}) or retry once idle ones expire (serve.session_idle_s)",
+                                    "rate_limit_error", "rate_limit_exceeded", retry_after=60)  # fmt: skip
+            with contextlib.suppress(ChatrtError):
+                self.rt.session(room).close()
+
+    def give_back(self, scope: str, session: Session, transcript: list[Message] | None) -> None:
+        """A stateless client's turn has finished and let its session go: it can be matched again, in its scope,
+        under the transcript that turn left; the oldest beyond capacity are closed. Blocks (closing asks Redis)."""
         if session.closed or transcript is None:
             return
-        for session_id in self.conversations.give_back(session.id, session.system_prompt, transcript):
+        for session_id in self.conversations.give_back(scope, session.id, session.system_prompt, transcript):
             with contextlib.suppress(ChatrtError):
                 self.rt.session(session_id).close()
 
+    def expire(self) -> int:
+        """Close every session unused for serve.session_idle_s (on every tier; not one a turn holds). Blocks."""
+        cutoff = time.monotonic() - self.config.session_idle_s
+        idle = [s for s in self.rt.sessions() if s.used_at < cutoff and not s.busy]
+        for session in idle:
+            self.conversations.discard(session.id)
+            with contextlib.suppress(ChatrtError):
+                session.close()
+        return len(idle)
+
     # -- replies out -------------------------------------------------------------------------------
 
-    async def complete(self, session: Session, turn: AsyncTurn) -> wire.ChatCompletion:
+    async def complete(self, session: Session, turn: AsyncTurn, tenant: Tenant) -> wire.ChatCompletion:
         reply = await turn.result()
         return wire.ChatCompletion(
             id=wire.completion_id(),
@@ -232,11 +278,12 @@ class Server:
                 )
             ],
             usage=usage(reply.stats),
-            session_id=session.id,
+            session_id=tenant.external(session.id),
             chatrt=wire.TurnInfo.model_validate(reply.stats.model_dump()),
         )
 
-    async def stream(self, session: Session, turn: AsyncTurn, req: wire.ChatRequest) -> AsyncIterator[dict[str, str]]:
+    async def stream(self, session: Session, turn: AsyncTurn, req: wire.ChatRequest,
+                     tenant: Tenant) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         """The reply as SSE events. The turn begins (and a bad request fails with its status) before the response
         does; a client that disconnects stops the turn, which keeps what was sent as the reply."""
         try:
@@ -249,7 +296,7 @@ class Server:
         def chunk(delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> dict[str, str]:
             choices = [wire.ChunkChoice(delta=delta, finish_reason=finish)] if use is None else []
             body = wire.ChatCompletionChunk(id=cid, created=created, model=self.model_id, choices=choices,
-                                            usage=use, session_id=session.id)  # fmt: skip
+                                            usage=use, session_id=tenant.external(session.id))  # fmt: skip
             return {"data": body.model_dump_json(exclude_none=use is None)}
 
         async def events() -> AsyncIterator[dict[str, str]]:
@@ -270,6 +317,17 @@ class Server:
                 await turn.aclose()  # a disconnect lands here: the turn finishes on its own task
 
         return events()
+
+
+async def expire_idle(server: Server) -> None:
+    """Close idle sessions every so often (a quarter of serve.session_idle_s, 30 s at most)."""
+    period = min(server.config.session_idle_s / 4, 30.0)
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await asyncio.to_thread(server.expire)
+        except Exception:  # a bug here must not stop the expiry for good
+            log.exception("closing idle sessions failed")
 
 
 def _abandon(opening: asyncio.Future[tuple[Session, AsyncTurn]]) -> None:
@@ -303,7 +361,15 @@ def _message(m: wire.WireMessage) -> Message:
 
 def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
     server = Server(art, config)
-    app = FastAPI(title="chatrt", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        expiring = asyncio.create_task(expire_idle(server)) if config.session_idle_s else None
+        yield
+        if expiring is not None:
+            expiring.cancel()
+
+    app = FastAPI(title="chatrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(HTTPError)
@@ -358,54 +424,55 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> dict[str, Any] | EventSourceResponse:
-        server.authorize(request)
+        tenant = server.authorize(request)
         req = await server.parse(request, wire.ChatRequest)
         if req.model != server.model_id:
             message = f"the model {req.model!r} is not served here; it serves {server.model_id!r} (GET /v1/models)"
             raise HTTPError(404, message, "invalid_request_error", "model_not_found")
         header = request.headers.get(SESSION_HEADER)
-        server.admit()
+        server.admit(tenant)
         try:
-            session, turn = await server.open_turn(req, header)
+            session, turn = await server.open_turn(req, header, tenant)
         except BaseException:
-            server.release()
+            server.release(tenant)
             raise
-        turn.sync.add_done_callback(lambda _: server.release())  # counted out once its turn has finished
+        turn.sync.add_done_callback(lambda _: server.release(tenant))  # counted out once its turn has finished
         if not req.stream:
             try:
-                return (await server.complete(session, turn)).model_dump()
+                return (await server.complete(session, turn, tenant)).model_dump()
             finally:
                 await turn.aclose()
-        events = await server.stream(session, turn, req)
+        events = await server.stream(session, turn, req, tenant)
         # The background task runs after the response, however it ended: also when the client left before the
         # stream was ever iterated (then the events' own finally never runs).
         return EventSourceResponse(events, ping=15, background=BackgroundTask(turn.aclose))
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:
-        server.authorize(request)
+        tenant = server.authorize(request)
         req = await server.parse(request, wire.SessionRequest)
-        session = await art.open_session(req.system_prompt, session_id=req.session_id,
-                                         messages=[_message(m) for m in req.messages])  # fmt: skip
-        return {"session_id": session.id, "object": "session", "turns": session.sync.turns}
+        session = await asyncio.to_thread(server.open, tenant, req.system_prompt, session_id=req.session_id,
+                                          messages=[_message(m) for m in req.messages])  # fmt: skip
+        return {"session_id": tenant.external(session.id), "object": "session", "turns": session.turns}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str, request: Request) -> dict[str, Any]:
-        server.authorize(request)
-        session = await art.session(session_id)
+        tenant = server.authorize(request)
+        session = await art.session(tenant.internal(check_session_id(session_id)))
         return {
-            "session_id": session.id,
+            "session_id": session_id,
             "object": "session",
             "system_prompt": session.sync.system_prompt,
             "messages": [{"role": m.role, "content": m.content} for m in session.sync.messages],
-            "stats": session.stats().model_dump(),
+            "stats": session.stats().model_dump() | {"session_id": session_id},
         }
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
-        server.authorize(request)
-        session = await art.session(session_id)  # here, or resumed from Redis to be closed everywhere
-        server.conversations.discard(session_id)
+        tenant = server.authorize(request)
+        internal = tenant.internal(check_session_id(session_id))
+        session = await art.session(internal)  # here, or resumed from Redis to be closed everywhere
+        server.conversations.discard(internal)
         await session.close()
         return {"session_id": session_id, "object": "session.deleted", "deleted": True}
 

@@ -17,13 +17,16 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from chatrt.message import Message
 
 
-def digest(system_prompt: str | None, messages: list[Message]) -> str:
-    """What identifies a conversation's text (token ids aside: a reply's text is what a client sends back)."""
-    body = json.dumps([system_prompt, [(m.role, m.content) for m in messages]], ensure_ascii=False)
+def digest(scope: str, system_prompt: str | None, messages: list[Message]) -> str:
+    """What identifies a conversation's text (token ids aside: a reply's text is what a client sends back), within
+    a scope: a client's conversation is matched only to sessions of its own scope (its tenant, narrowed by the
+    request's `user` or `cache_salt`)."""
+    body = json.dumps([scope, system_prompt, [(m.role, m.content) for m in messages]], ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -34,15 +37,16 @@ class Conversations:
         self._idle: OrderedDict[str, str] = OrderedDict()  # transcript digest → session id, oldest first
         self._lock = threading.Lock()
 
-    def claim(self, system_prompt: str | None, history: list[Message]) -> str | None:
-        """The id of an idle session holding exactly this history, taken out of the index (None: none does)."""
+    def claim(self, scope: str, system_prompt: str | None, history: list[Message]) -> str | None:
+        """The id of an idle session of `scope` holding exactly this history, taken out of the index (None: none
+        does)."""
         with self._lock:
-            return self._idle.pop(digest(system_prompt, history), None)
+            return self._idle.pop(digest(scope, system_prompt, history), None)
 
-    def give_back(self, session_id: str, system_prompt: str | None, messages: list[Message]) -> list[str]:
+    def give_back(self, scope: str, session_id: str, system_prompt: str | None, messages: list[Message]) -> list[str]:
         """The session is idle again with this transcript. Returns the ids of sessions pushed out of the index,
         for the caller to close."""
-        key = digest(system_prompt, messages)
+        key = digest(scope, system_prompt, messages)
         with self._lock:
             evicted = []
             held = self._idle.pop(key, None)
@@ -52,6 +56,16 @@ class Conversations:
             while len(self._idle) > self.capacity:
                 evicted.append(self._idle.popitem(last=False)[1])
             return evicted
+
+    def reclaim(self, owned: Callable[[str], bool]) -> str | None:
+        """The least recently used idle session whose id `owned` accepts, taken out of the index for the caller
+        to close (a new conversation needs its room); None when there is none."""
+        with self._lock:
+            session_id = next((sid for sid in self._idle.values() if owned(sid)), None)
+            if session_id is not None:
+                for key in [k for k, sid in self._idle.items() if sid == session_id]:
+                    del self._idle[key]
+            return session_id
 
     def discard(self, session_id: str) -> None:
         """The session was closed (DELETE): it can no longer be claimed."""

@@ -60,6 +60,9 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     user: str | None = None
+    """Narrows a stateless client's matching: its conversations continue only sessions of the same user."""
+    cache_salt: str | None = None
+    """vLLM's: as `user`, a scope of its own for this client's conversations."""
     # chatrt's extensions (vLLM accepts the same two sampling fields)
     session_id: str | None = None
     """Continue this session: send only the new user message (the X-Session-Id header does the same)."""
