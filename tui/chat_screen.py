@@ -17,7 +17,7 @@ from textual.widgets import ContentSwitcher, Footer, Header, Label, ListView
 
 from chatrt.config import GREEDY_BELOW
 from chatrt.errors import ChatrtError, InvalidMessage
-from tui.chats import ChatStore, StoredChat, export_name, markdown
+from tui.chats import ChatStore, ChatStoreError, StoredChat, export_name, markdown
 from tui.confirm import ConfirmScreen
 from tui.conversation import Conversation
 from tui.new_session import NewSessionScreen, Preset
@@ -87,6 +87,8 @@ class ChatScreen(Screen[None]):
 
     async def on_mount(self) -> None:
         stored = self.chats.chats() if self.chats is not None else []
+        for problem in self.chats.take_problems() if self.chats is not None else ():
+            self.notify(problem, title="chats", severity="warning", timeout=20)
         for chat in stored:
             await self.reopen(chat)
         if not self.conversations() or self.first_system_prompt is not None:
@@ -122,7 +124,8 @@ class ChatScreen(Screen[None]):
         except ChatrtError as e:
             self.notify(f"{chat.title!r} could not be reopened: {e}", severity="warning")
             return
-        await self._add(Conversation(session, title=chat.title, settings=chat.settings, id=self._next_id()))
+        await self._add(Conversation(session, title=chat.title, settings=chat.settings, kept=chat,
+                                     id=self._next_id()))  # fmt: skip
 
     async def _add(self, conversation: Conversation) -> Conversation:
         await self.query_one("#conversations").mount(conversation)
@@ -137,7 +140,17 @@ class ChatScreen(Screen[None]):
         """Keep the chat as it is now (after each turn, a rename, a change of settings)."""
         if self.chats is None or not conversation.session.messages:
             return
-        self.chats.save(conversation.stored())
+        try:
+            kept = self.chats.save(conversation.stored())
+        except ChatStoreError as e:  # the chat goes on in this window; the store says what is wrong
+            self.notify(str(e), title="chats", severity="warning")
+            return
+        if conversation.kept is not None and kept.id != conversation.kept.id:
+            self.notify(f"another window saved {conversation.title!r} meanwhile: both are kept, this one as "
+                        f"{kept.title!r}", title="chats", severity="warning")  # fmt: skip
+            conversation.title = kept.title
+            self.refresh_stats()
+        conversation.kept = kept
 
     def show(self, conversation: Conversation) -> None:
         self.current = conversation
@@ -163,8 +176,11 @@ class ChatScreen(Screen[None]):
             conversation.session.close()
         except ChatrtError as e:  # the session is gone from this process either way
             self.notify(str(e), severity="warning")
-        if self.chats is not None:
-            self.chats.delete(conversation.session.id)
+        if self.chats is not None and conversation.kept is not None:
+            try:
+                self.chats.delete(conversation.kept.id)
+            except ChatStoreError as e:
+                self.notify(str(e), title="chats", severity="warning")
         item = next(i for i in self.query_one(SessionList).items() if i.conversation is conversation)
         await item.remove()
         await conversation.remove()

@@ -49,7 +49,8 @@ class Conversation(VerticalScroll):
 
     responding: reactive[bool] = reactive(False)
 
-    def __init__(self, session: Session, title: str, settings: dict | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, session: Session, title: str, settings: dict | None = None, kept: StoredChat | None = None,
+                 **kwargs) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
         super().__init__(**kwargs)
         from chatrt.async_runtime import AsyncSession  # imported once the runtime is loaded
 
@@ -58,6 +59,8 @@ class Conversation(VerticalScroll):
         self.title = title
         self.settings: dict = dict(settings or {})
         """This chat's turn options (temperature, top_p, ...): they override the runtime's defaults."""
+        self.kept = kept
+        """The chat as the store last had it (None: never saved): where and over which version it is saved."""
         self.turns: list[TurnStats] = []
         """Stats of every turn this view ran, oldest first (the stats panel's table)."""
         self._worker: Worker[None] | None = None
@@ -94,10 +97,11 @@ class Conversation(VerticalScroll):
                 await self._worker.wait()
 
     def stored(self) -> StoredChat:
-        """The chat as the chat store keeps it."""
-        s = self.session
-        return StoredChat(id=s.id, title=self.title, system_prompt=s.system_prompt, settings=self.settings,
-                          messages=s.messages)  # fmt: skip
+        """The chat as the chat store keeps it (`kept`: as it was last saved or read)."""
+        s, kept = self.session, self.kept
+        return StoredChat(id=kept.id if kept else s.id, title=self.title, system_prompt=s.system_prompt,
+                          settings=self.settings, messages=s.messages, version=kept.version if kept else 0,
+                          **({"created": kept.created} if kept else {}))  # fmt: skip
 
     def last(self, role: str) -> str | None:
         return next((m.content for m in reversed(self.session.messages) if m.role == role), None)
