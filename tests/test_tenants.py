@@ -94,15 +94,22 @@ def test_one_tenant_opening_sessions_without_end_locks_out_no_other(url):
 
 
 def test_a_tenant_has_its_share_of_the_requests_in_flight(tiny_folder):
-    served = serve(tiny_folder, max_new_tokens=2000, **TENANTS, SERVE__TENANT_REQUESTS=1)
+    """acme's first request prefills ~1,900 tokens one per step (seconds): meanwhile its second is refused with
+    a 429 that names the limit, and beta is answered."""
+    served = serve(tiny_folder, **TENANTS, SERVE__TENANT_REQUESTS=1, ENGINE__PREFILL_CHUNK=1)
     with served as url, client(url, "acme") as a, client(url, "beta") as b:
         model = a.get("/models").json()["data"][0]["id"]
-        body = {"model": model, "messages": [{"role": "user", "content": "A long story."}], "stream": True}
-        with a.stream("POST", "/chat/completions", json=body) as running:
-            next(running.iter_lines())  # acme's first request is streaming
-            second = a.post("/chat/completions", json={**body, "stream": False})
-            assert second.status_code == 429 and "serve.tenant_requests" in second.json()["error"]["message"]
-            assert b.post("/chat/completions", json={**body, "stream": False, "max_tokens": 4}).status_code == 200
+        long = {"model": model, "messages": [{"role": "user", "content": "word " * 1900}], "max_tokens": 2}
+        first = threading.Thread(target=lambda: a.post("/chat/completions", json=long))
+        first.start()
+        time.sleep(0.5)
+        short = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        second = a.post("/chat/completions", json=short)
+        assert second.status_code == 429 and "serve.tenant_requests" in second.json()["error"]["message"]
+        assert second.headers["Retry-After"] and first.is_alive()
+        assert b.post("/chat/completions", json=short).status_code == 200
+        first.join(60)
+        assert a.post("/chat/completions", json=short).status_code == 200  # counted out once it ended
 
 
 def test_idle_sessions_are_closed_on_every_tier(tiny_folder, redis_url, redis_client):
@@ -131,3 +138,21 @@ def test_a_session_in_use_is_not_expired(tiny_folder):
             assert httpx.post(f"{url}/chat/completions", json=body).status_code == 200
             stop.wait(0.5)
         assert httpx.get(f"{url}/sessions/{sid}").status_code == 200
+
+
+def test_a_key_names_its_tenant_and_each_has_an_equal_share_by_default():
+    from chatrt.config import ServeConfig
+    from chatrt.serve.tenants import Tenants
+
+    tenants = Tenants(ServeConfig(api_keys=KEYS), max_sessions=20, max_requests=9)
+    acme = tenants.identify("Bearer key-a")
+    assert acme is not None and acme.name == "acme" and tenants.identify("bearer  key-b").name == "beta"
+    assert tenants.identify("Bearer nope") is None and tenants.identify("key-a") is None
+    assert (tenants.max_sessions, tenants.max_requests) == (10, 4)
+    assert acme.internal("x") == "acme.x" and acme.external("acme.x") == "x" and not acme.owns("beta.x")
+    assert tenants.admit(acme) and all(tenants.admit(acme) for _ in range(3)) and not tenants.admit(acme)
+    tenants.release(acme)
+    assert tenants.admit(acme)
+    one = Tenants(ServeConfig(), max_sessions=20, max_requests=9)  # no key: one tenant, ids as given
+    only = one.identify("")
+    assert only is not None and only.internal("x") == "x" and one.max_sessions == 20
