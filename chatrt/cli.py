@@ -378,6 +378,10 @@ def _bench_concurrent(args: argparse.Namespace) -> int:
             f"{u.longest_gap_s * 1000:.0f} ms "
             f"(a step took {u.step_s * 1000:.0f} ms before)"
         )
+    if report.reference_decode_tokens_per_s and report.results and report.results[0].sessions == 1:
+        one, plain = report.results[0].decode_tokens_per_s, report.reference_decode_tokens_per_s
+        console.print(f"one session decodes at {one:.1f} tok/s, plain transformers at {plain:.1f} "
+                      f"({one / plain:.2f}×); {report.compiled}")  # fmt: skip
     console.print(f"report: {out / 'concurrent.json'}")
     return 0
 

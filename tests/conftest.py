@@ -28,6 +28,10 @@ from chatrt.engine import Engine, forward
 from chatrt.model import LoadedModel, _gguf_folder, bundled_gguf, cache_root
 from chatrt.redis_server import redis_server
 
+# Compiling the bundled model's decode step takes minutes of CPU: processes the suite starts (chatrt serve, chat,
+# scripts) run eagerly unless a test asks; tests/test_compiled.py compiles on purpose.
+os.environ.setdefault("CHATRT_ENGINE__COMPILE", "off")
+
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path, monkeypatch) -> Path:
@@ -84,7 +88,8 @@ def runtime(tiny_lm) -> Iterator[ChatRuntime]:
 
 @pytest.fixture
 def bundled_runtime(bundled_lm) -> Iterator[ChatRuntime]:
-    with ChatRuntime(bundled_lm, Config().with_values(generation={"max_new_tokens": 24})) as rt:
+    config = Config().with_values(generation={"max_new_tokens": 24}, engine={"compile": "off"})
+    with ChatRuntime(bundled_lm, config) as rt:
         yield rt
 
 
@@ -105,9 +110,8 @@ def redis_client(redis_url) -> Iterator[redis.Redis]:
 
 def tiered(lm: LoadedModel, redis_url: str = "", max_new_tokens: int = 12, **tiers) -> ChatRuntime:  # type: ignore[no-untyped-def]
     """A runtime with tier budgets (and Redis when a URL is given)."""
-    config = Config().with_values(
-        generation={"max_new_tokens": max_new_tokens}, tiers={"redis_url": redis_url, **tiers}
-    )
+    config = Config().with_values(generation={"max_new_tokens": max_new_tokens},
+                                  tiers={"redis_url": redis_url, **tiers}, engine={"compile": "off"})  # fmt: skip
     return ChatRuntime(lm, config)
 
 
@@ -223,3 +227,19 @@ def serve(model: str | Path, max_new_tokens: int = 12, **env: object) -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def assert_greedy(lm: LoadedModel, prompt: list[int], got: tuple[int, ...], max_new_tokens: int) -> bool:
+    """`got` is plain transformers' greedy reply to `prompt`, or left it only at a near-tie: where they part,
+    the top-2 gap of the eager logits is below 1e-3 (printed). Returns whether they were identical."""
+    want = reference_reply(lm, prompt, max_new_tokens)
+    if got == want:
+        return True
+    k = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt + list(want[:k])], device=lm.device)).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    gap = float(top[0] - top[1])
+    print(f"a reply left greedy at token {k}: top-2 logit gap {gap:.2e}")
+    assert gap < 1e-3, f"not a near-tie (gap {gap:.3f}): {got} vs {want}"
+    return False

@@ -16,6 +16,7 @@ from chatrt.config import Config
 from chatrt.model import LoadedModel
 from chatrt.runtime import ChatRuntime
 from chatrt.session import Session
+from chatrt.template import Message
 
 REPORT_VERSION = 1
 BUSY = 8  # sessions decoding while a new turn and a long prompt arrive
@@ -65,6 +66,11 @@ class ConcurrentReport(BaseModel):
     prefill_chunk: int
     results: list[ConcurrentResult]
     under_load: UnderLoad | None = None
+    compiled: str = ""
+    """How decode steps ran: the compiled buckets (and their compile seconds), or why they were not compiled."""
+    reference_decode_tokens_per_s: float = 0.0
+    """Plain transformers' eager greedy decode on the one-session prompt: the 1-session row's decode rate is
+    measured against it in the same run."""
 
 
 def run(
@@ -80,6 +86,12 @@ def run(
     results: list[ConcurrentResult] = []
     with ChatRuntime(lm, config) as rt:
         history = len(rt.template.prefix_ids(system))
+        compiled = rt.engine.compiled
+        if compiled is not None:  # measured once every bucket is compiled (in the background, up to minutes)
+            compiled.wait()
+        how = compiled.describe() if compiled is not None else f"eager: {rt.engine.not_compiled}"
+        reference_prompt = rt.template.render([Message(role="system", content=system),
+                                               Message(role="user", content=users[0][1])])  # fmt: skip
         for n in sizes:
             sessions = [rt.open_session(system_prompt=system) for _ in range(n)]
             _at_once(sessions, [u[0] for u in users[:n]])  # the history turn, not measured
@@ -106,7 +118,8 @@ def run(
     return ConcurrentReport(
         model=lm.info.name, dtype=lm.info.dtype, device=lm.info.device, history_tokens=history,
         max_new_tokens=max_new_tokens, prefill_chunk=config.engine.prefill_chunk, results=results,
-        under_load=under,
+        under_load=under, compiled=how,
+        reference_decode_tokens_per_s=bench.reference_decode(lm, reference_prompt, max_new_tokens),
     )  # fmt: skip
 
 

@@ -151,7 +151,7 @@ def run(
         results=results,
         replies_identical=all(r == first for r in replies.values()),
         last_turn_prompt_tokens=len(longest),
-        reference_decode_tokens_per_s=_reference_decode(lm, longest, w.max_new_tokens),
+        reference_decode_tokens_per_s=reference_decode(lm, longest, w.max_new_tokens),
     )
 
 
@@ -271,7 +271,7 @@ def warm_up(lm: LoadedModel) -> None:
         lm.model(input_ids=torch.tensor([[1, 2, 3]], device=lm.device))
 
 
-def _reference_decode(lm: LoadedModel, prompt: list[int], n: int) -> float:
+def reference_decode(lm: LoadedModel, prompt: list[int], n: int) -> float:
     """Decode tokens/s of plain greedy `generate` on `prompt`: n / (time(1 + n new tokens) - time(1))."""
     x = torch.tensor([prompt], device=lm.device)  # [1, S]
 

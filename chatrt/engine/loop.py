@@ -13,14 +13,17 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 
+import torch
+
 from chatrt.cache.kv import KV
-from chatrt.config import EngineConfig, GenerationConfig
+from chatrt.config import EngineConfig, GenerationConfig, ModelConfig
 from chatrt.engine import runner
+from chatrt.engine.compiled import CompiledSteps, compilable
 from chatrt.engine.generation import Generation
 from chatrt.engine.packed import use_packed_attention
 from chatrt.engine.scheduler import Scheduler
 from chatrt.errors import RuntimeClosed
-from chatrt.model import LoadedModel
+from chatrt.model import LoadedModel, cache_root
 
 _END = None
 log = logging.getLogger("chatrt")
@@ -108,6 +111,13 @@ class Engine:
         is preempted. `thread=False`: no loop thread; the caller runs `step()` (tests drive exact batches)."""
         self.lm, self._threaded = lm, thread
         use_packed_attention(lm)
+        self.compiled: CompiledSteps | None = None
+        """Compiled decode steps (compiling in the background), when engine.compile and the model allow."""
+        self.not_compiled = compilable(lm, config.compile)
+        """Why decode steps are not compiled ("" when they are)."""
+        if not self.not_compiled:
+            cache = cache_root(ModelConfig()) / "inductor" / f"torch-{torch.__version__}"  # kept between runs
+            self.compiled = CompiledSteps(lm, config.max_batch, cache_dir=str(cache))
         max_tokens = max(1, device_bytes // lm.info.kv_bytes_per_token) if device_bytes else 0
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk, max_tokens)
         self.steps = 0
@@ -156,6 +166,8 @@ class Engine:
 
     def close(self) -> None:
         """Stop the loop; requests still queued end as cancelled."""
+        if self.compiled is not None:
+            self.compiled.close()
         with self._work:
             self._stopped = True
             self._work.notify()
@@ -195,7 +207,7 @@ class Engine:
         for request, _ in rows:
             request.gen.unpark(self.lm.device)
         try:  # run
-            logits = runner.run(self.lm, [(r.gen.cache, r.gen.inputs(n)) for r, n in rows])  # type: ignore[misc]
+            logits = runner.run(self.lm, [(r.gen.cache, r.gen.inputs(n)) for r, n in rows], self.compiled)  # type: ignore[misc]
         except Exception as e:  # every row of a failed step has a cache it cannot trust: each gets the error
             for request, _ in rows:
                 request.put(e)
