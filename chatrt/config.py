@@ -146,9 +146,11 @@ class EngineConfig(_Section):
     prefill_chunk: int = Field(512, ge=0)
     """Prompt tokens prefilled per step, shared with the decoding rows, so a long prompt does not freeze the
     other streams; 0: a prompt is prefilled whole in one step."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """Decode steps through a compiled graph of the model (compiled in the background while the eager forward
-    serves): "auto" for supported models large enough to gain, "on" for every supported model, "off" never."""
+    compile: Literal["auto", "on", "off"] = "off"
+    """Decode steps through a compiled graph of the model, compiled in the background (about a minute per
+    bucket on a 2-core CPU, kept on disk): "auto" for supported models large enough to gain, "on" for every
+    supported model, "off" never. Off by default for now: while a graph compiles, the compiler holds the GIL
+    and the eager steps that serve meanwhile slow to a crawl."""
 
 
 class MetricsConfig(_Section):

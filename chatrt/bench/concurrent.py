@@ -82,8 +82,7 @@ def run(
     workload = bench.Workload(sessions=max(*sizes, BUSY) + 1, turns=2, system_words=history_words)
     system, users = bench.conversations(workload)
     config = config.with_values(generation={"max_new_tokens": max_new_tokens, "temperature": 0.0})
-    bench.warm_up(lm)
-    results: list[ConcurrentResult] = []
+    results: list[ConcurrentResult] = []  # each size's unmeasured first turn warms the engine up
     with ChatRuntime(lm, config) as rt:
         history = len(rt.template.prefix_ids(system))
         compiled = rt.engine.compiled

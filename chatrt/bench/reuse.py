@@ -122,6 +122,9 @@ def run(
     """Every mode of the workload, one after another; `pressure-redis` uses the configured Redis, else a private
     redis-server started for the run."""
     load, cores = machine_load()  # before the run: during it, the run itself is the load
+    with ChatRuntime(lm, config) as rt:  # compiled decode steps (shared by every mode's runtime) are ready first
+        if rt.engine.compiled is not None:
+            rt.engine.compiled.wait()
     with contextlib.ExitStack() as stack:
         redis_url = config.tiers.redis_url
         if "pressure-redis" in w.modes and not redis_url:

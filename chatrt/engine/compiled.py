@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -99,23 +100,49 @@ def compilable(lm: LoadedModel, setting: str) -> str:
 
 
 class CompiledSteps:
-    def __init__(self, lm: LoadedModel, max_batch: int, cache_dir: str = "") -> None:
-        """Start compiling a graph per bucket up to `max_batch` rows, on a background thread. `cache_dir`: where
-        inductor keeps compiled code and autotuning results between runs (TORCHINDUCTOR_CACHE_DIR)."""
+    """The compiled graphs of one loaded model, shared by every engine (runtime) of the process that runs it:
+    `for_model` gives the same one, so a second runtime neither compiles again nor competes for the CPU."""
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel, max_batch: int, cache_dir: str = "") -> CompiledSteps:
+        """The model's compiled steps, compiling (in the background) the buckets up to `max_batch` not compiled
+        yet. `cache_dir`: where inductor keeps compiled code and autotuning results between runs."""
+        with _SHARED_LOCK:
+            steps = _SHARED.get(lm.model)
+            if steps is None:
+                steps = _SHARED[lm.model] = cls(lm, cache_dir)
+        steps.want(buckets(max_batch))
+        return steps
+
+    def __init__(self, lm: LoadedModel, cache_dir: str = "") -> None:
         self.lm = lm
-        self.buckets = buckets(max_batch)
+        self.buckets: list[int] = []
         self.ready: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self.seconds: dict[int, float] = {}
         """How long each bucket took to compile."""
         self.error = ""
         self.steps = 0
         """Steps that ran through a compiled graph."""
-        self._stop = threading.Event()
-        self._done = threading.Event()
         if cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
-        self._thread = threading.Thread(target=self._compile_all, name="chatrt-compile", daemon=True)
-        self._thread.start()
+        self._pending: list[int] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._done.set()
+        self._thread: threading.Thread | None = None
+
+    def want(self, sizes: list[int]) -> None:
+        """Compile these buckets too, on the background thread."""
+        with self._lock:
+            new = [b for b in sizes if b not in self.buckets]
+            if not new or self.error:
+                return
+            self.buckets = sorted({*self.buckets, *new})
+            self._pending = sorted({*self._pending, *new})
+            self._done.clear()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._compile_all, name="chatrt-compile", daemon=True)
+                self._thread.start()
 
     def run(self, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor | None:
         """Decode rows (one token each after its cache, which grows by it) through the compiled graph of their
@@ -145,29 +172,40 @@ class CompiledSteps:
         """Until every bucket is compiled (or compiling stopped); whether it finished."""
         return self._done.wait(timeout)
 
-    def close(self) -> None:
-        """Compile no more buckets (one being compiled finishes on its thread)."""
-        self._stop.set()
-
     def _compile_all(self) -> None:
+        # Every bucket is one more graph of the same function: dynamo's limit of 8 per function would refuse some.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         try:
-            for size in self.buckets:
-                if self._stop.is_set():
-                    return
-                t0 = time.perf_counter()
-                fn = torch.compile(partial(llama_forward, self.lm.model), mode=MODE, fullgraph=True, dynamic=False)
-                caches = [new_cache() for _ in range(size)]
-                _context.rows = (caches, [(n, n + 1) for n in range(size)])
-                device = self.lm.device
-                with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
-                    fn(torch.zeros(1, size, dtype=torch.long, device=device),
-                       torch.zeros(1, size, dtype=torch.long, device=device))  # fmt: skip  # compiles here
-                _context.rows = None
-                self.seconds[size] = time.perf_counter() - t0
-                self.ready[size] = fn
-                log.info("compiled the decode step for %d rows in %.0f s", size, self.seconds[size])
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        self._done.set()
+                        return
+                    size = self._pending.pop(0)
+                self._compile(size)
         except Exception as e:  # a model or a machine the compiler cannot handle: the eager forward serves
             self.error = f"{type(e).__name__}: {e}"
             log.warning("compiling the decode step failed, the eager forward serves: %s", self.error)
+            with self._lock:
+                self._pending = []
+                self._done.set()
+
+    def _compile(self, size: int) -> None:
+        t0 = time.perf_counter()
+        fn = torch.compile(partial(llama_forward, self.lm.model), mode=MODE, fullgraph=True, dynamic=False)
+        device = self.lm.device
+        _context.rows = ([new_cache() for _ in range(size)], [(n, n + 1) for n in range(size)])
+        try:
+            with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+                fn(torch.zeros(1, size, dtype=torch.long, device=device),
+                   torch.zeros(1, size, dtype=torch.long, device=device))  # fmt: skip  # compiles here
         finally:
-            self._done.set()
+            _context.rows = None
+        self.seconds[size] = time.perf_counter() - t0
+        self.ready[size] = fn
+        log.info("compiled the decode step for %d rows in %.0f s", size, self.seconds[size])
+
+
+_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, CompiledSteps] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()

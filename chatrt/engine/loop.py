@@ -117,7 +117,7 @@ class Engine:
         """Why decode steps are not compiled ("" when they are)."""
         if not self.not_compiled:
             cache = cache_root(ModelConfig()) / "inductor" / f"torch-{torch.__version__}"  # kept between runs
-            self.compiled = CompiledSteps(lm, config.max_batch, cache_dir=str(cache))
+            self.compiled = CompiledSteps.for_model(lm, config.max_batch, cache_dir=str(cache))
         max_tokens = max(1, device_bytes // lm.info.kv_bytes_per_token) if device_bytes else 0
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk, max_tokens)
         self.steps = 0
@@ -166,8 +166,6 @@ class Engine:
 
     def close(self) -> None:
         """Stop the loop; requests still queued end as cancelled."""
-        if self.compiled is not None:
-            self.compiled.close()
         with self._work:
             self._stopped = True
             self._work.notify()
