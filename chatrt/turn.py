@@ -216,11 +216,8 @@ class Turn:
                 raise
         except BaseException as e:
             hold.close()
-            with self._lock:
-                self.error, self.transcript = e, list(session.messages)
-                callbacks = self._mark_finished()
-            for fn in callbacks:
-                fn(self)
+            self.error = e
+            self.finish()  # as a turn never begun: unrecorded, its callbacks told
             raise
         self._running = Running(request, history, user, prompt, taken, start, dropped, hold)
         self.state = "running"
