@@ -224,25 +224,28 @@ class Server:
         """A new session of `tenant`'s. At a limit (the tenant's share, or the runtime's session.max_sessions)
         the least recently used idle stateless session makes room first; only when there is none is the request
         refused, saying which limit. Blocks."""
+        internal = tenant.internal(check_session_id(session_id)) if session_id else None
         while True:
-            full = sum(tenant.owns(s.id) for s in self.rt.sessions()) >= self.tenants.max_sessions
-            try:
-                if not full:
-                    internal = tenant.internal(check_session_id(session_id)) if session_id else None
+            if sum(tenant.owns(s.id) for s in self.rt.sessions()) < self.tenants.max_sessions:
+                try:
                     return self.rt.open_session(system_prompt, session_id=internal, messages=messages)
-            except TooManySessions:
-                room = self.conversations.reclaim(lambda _: True)
-                if room is None:
-                    raise
-            else:
+                except TooManySessions:  # the runtime's limit: any tenant's idle stateless session makes room
+                    room = self.conversations.reclaim(lambda _: True)
+                    if room is None:
+                        raise
+            else:  # the tenant's share: one of its own idle stateless sessions makes room
                 room = self.conversations.reclaim(tenant.owns)
                 if room is None:
                     raise HTTPError(429, f"tenant {tenant.name!r} holds {self.tenants.max_sessions} open sessions, its "
                                     "share of this server (serve.tenant_sessions); close some (DELETE "
                                     "/v1/sessions/{id}) or retry once idle ones expire (serve.session_idle_s)",
                                     "rate_limit_error", "rate_limit_exceeded", retry_after=60)  # fmt: skip
-            with contextlib.suppress(ChatrtError):
-                self.rt.session(room).close()
+            self.close(room)
+
+    def close(self, session_id: str) -> None:
+        """Close a session the stateless index let go (it may be gone already). Blocks (Redis is asked)."""
+        with contextlib.suppress(ChatrtError):
+            self.rt.session(session_id).close()
 
     def give_back(self, scope: str, session: Session, transcript: list[Message] | None) -> None:
         """A stateless client's turn has finished and let its session go: it can be matched again, in its scope,
@@ -250,8 +253,7 @@ class Server:
         if session.closed or transcript is None:
             return
         for session_id in self.conversations.give_back(scope, session.id, session.system_prompt, transcript):
-            with contextlib.suppress(ChatrtError):
-                self.rt.session(session_id).close()
+            self.close(session_id)
 
     def expire(self) -> int:
         """Close every session unused for serve.session_idle_s (on every tier; not one a turn holds). Blocks."""
