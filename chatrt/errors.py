@@ -77,3 +77,7 @@ class CloseIncomplete(StoreUnavailable):
 
 class MetricsUnavailable(ChatrtError):
     """A runtime's metrics endpoint could not be read."""
+
+
+class CompileFailed(ChatrtError):
+    """The decode step could not be compiled; steps run eagerly (as fast as with `engine.compile = "off"`)."""

@@ -40,7 +40,7 @@ from chatrt.errors import (
     TooManySessions,
 )
 from chatrt.metrics import Metrics
-from chatrt.model import LoadedModel, Progress, load
+from chatrt.model import LoadedModel, Progress, cache_root, load
 from chatrt.parts import Parts
 from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
@@ -85,7 +85,8 @@ class ChatRuntime:
             self.board = Board(self.store)
             if not tiers.redis_secret.get_secret_value():
                 log.warning(REDIS_UNSIGNED)
-        self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes)
+        compiled_dir = cache_root(self.config.model) / "compiled"  # beside the dequantized GGUF weights
+        self.engine = Engine(lm, self.config.engine, device_bytes=tiers.device_bytes, compiled_dir=compiled_dir)
         self.tiers = Tiers(tiers, lm, self.store, compute=self.engine.compute_kv)
         self.spill = PrefixSpill(self.tiers)
         self.journal: Journal | None = None

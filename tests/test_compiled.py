@@ -1,24 +1,34 @@
 """Compiled decode steps: the replies of the eager forward (except at near-ties, where the top-2 logit gap is
-printed), compiled in the background without holding up a reply, and only where they pay."""
+printed), compiled by a process of their own without holding up a reply, kept on disk so a later start loads them,
+and only where they pay."""
 
 from __future__ import annotations
 
 import random
 import threading
+import time
+from pathlib import Path
 
 from chatrt import ChatRuntime, Config
-from chatrt.engine.compiled import buckets, compilable
+from chatrt.engine.compiled import CompiledSteps, compilable, package_path
+from chatrt.model import LoadedModel
 from tests.conftest import assert_greedy
 from tests.test_session import random_message
-
-
-def test_buckets_cover_every_batch_size():
-    assert buckets(1) == [1] and buckets(16) == [1, 2, 4, 8, 16] and buckets(6) == [1, 2, 4, 6]
 
 
 def test_auto_compiles_where_it_pays(tiny_lm, bundled_lm):
     assert "too small" in compilable(tiny_lm, "auto") and compilable(tiny_lm, "on") == ""
     assert compilable(bundled_lm, "auto") == "" and "off" in compilable(bundled_lm, "off")
+
+
+def test_a_package_is_kept_per_model_row_count_and_versions(tiny_lm, bundled_lm, tmp_path):
+    path = package_path(tiny_lm, 4, tmp_path)
+    assert path.parent == tmp_path and path.name.endswith("-4rows.pt2") and "float32" in path.name
+    assert path != package_path(tiny_lm, 8, tmp_path) and path != package_path(bundled_lm, 4, tmp_path)
+    import torch
+    import transformers
+
+    assert torch.__version__ in path.name and transformers.__version__ in path.name
 
 
 def replies_at_once(rt: ChatRuntime, n: int, seed: int) -> list:  # type: ignore[type-arg]
@@ -34,27 +44,49 @@ def replies_at_once(rt: ChatRuntime, n: int, seed: int) -> list:  # type: ignore
     return out
 
 
-def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_a_reply_wait(tiny_lm):
-    config = Config().with_values(generation={"max_new_tokens": 16}, engine={"compile": "on", "max_batch": 4})
-    with ChatRuntime(tiny_lm, config) as rt:
+def compiling(tmp_path: Path, **engine: object) -> Config:
+    return Config().with_values(generation={"max_new_tokens": 16}, model={"cache_dir": str(tmp_path)},
+                                engine={"compile": "on", **engine})  # fmt: skip
+
+
+def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_a_reply_wait(tiny_lm, tmp_path):
+    with ChatRuntime(tiny_lm, compiling(tmp_path, max_batch=4)) as rt:
         compiled = rt.engine.compiled
         assert compiled is not None
         s = rt.open_session()
-        first = s.send("hello there")  # answered eagerly while the graphs compile
-        assert not compiled.wait(0) and compiled.steps == 0
+        started = time.perf_counter()
+        first = s.send("hello there")  # answered eagerly while the step compiles
+        assert not compiled.wait(0) and compiled.steps == 0, "the reply waited for the compiler"
         assert_greedy(tiny_lm, s.template.render(s.transcript[:-1]), first.token_ids, 16)
-        assert compiled.wait(600) and compiled.error == "" and set(compiled.ready) == {1, 2, 4}
+        assert compiled.wait(600) and compiled.error == "" and compiled.how == "compiled", compiled.describe()
+        waited = time.perf_counter() - started
+        print(f"\nfirst reply in {first.stats.e2e_s:.2f} s; {compiled.describe()} (ready after {waited:.0f} s)")
         identical = 0
-        for n, seed in [(1, 0), (3, 1), (4, 2)]:  # a lone row, a padded bucket, a full one
+        for n, seed in [(1, 0), (3, 1), (4, 2)]:  # a lone row, some rows, every row
             for session, reply in replies_at_once(rt, n, seed):
                 prompt = session.template.render(session.transcript[:-1])
                 identical += assert_greedy(tiny_lm, prompt, reply.token_ids, 16)
         assert compiled.steps > 0
-        print(f"\ncompiled: {identical}/8 replies identical to eager; {compiled.describe()}")
+        print(f"compiled: {identical}/8 replies identical to eager")
+    # A later start (another process, or this one with the model loaded again) loads the kept package.
+    again = CompiledSteps(tiny_lm, 4, compiled.path)
+    assert again.wait(60) and again.how == "loaded" and again.error == "", again.describe()
+    assert again.seconds < compiled.seconds / 4
 
 
-def test_the_bundled_model_compiled_answers_as_eager(bundled_lm):
-    config = Config().with_values(generation={"max_new_tokens": 24}, engine={"compile": "auto", "max_batch": 1})
+def test_a_step_that_cannot_compile_says_why_and_runs_eagerly(tiny_lm, tmp_path):
+    (tmp_path / "compiled").write_text("a file where the folder should be")
+    with ChatRuntime(tiny_lm, compiling(tmp_path, max_batch=2)) as rt:
+        compiled = rt.engine.compiled
+        assert compiled is not None and compiled.wait(60)
+        assert "failed" in compiled.describe() and compiled.error and not compiled.ready
+        s = rt.open_session()
+        reply = s.send("hello there")
+        assert_greedy(tiny_lm, s.template.render(s.transcript[:-1]), reply.token_ids, 16)
+
+
+def test_the_bundled_model_compiled_answers_as_eager(bundled_lm: LoadedModel, tmp_path):
+    config = compiling(tmp_path, max_batch=1).with_values(generation={"max_new_tokens": 24}, engine={"compile": "auto"})
     with ChatRuntime(bundled_lm, config) as rt:
         compiled = rt.engine.compiled
         assert compiled is not None and compiled.wait(900) and compiled.error == "", compiled.describe()

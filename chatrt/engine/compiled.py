@@ -1,38 +1,41 @@
-"""Compiled decode steps: the whole model as one inductor graph per bucket of rows (1, 2, 4, ... max_batch rows
-of one token each; a step's rows are padded up to the next bucket), with attention kept out of the graph as an
-opaque op over each row's own cache, whose rows come from a per-thread forward context (as vLLM keeps its
-attention op out of its graphs). Graphs compile on a background thread, smallest bucket first, while the eager
-forward serves: compiling never makes a user wait. A step uses a bucket once it is ready.
+"""Compiled decode steps: the whole model as one graph compiled ahead of time (AOTInductor) for any number of
+rows up to `max_batch` (one token each), with attention kept out of the graph as an opaque op over each row's own
+cache, whose rows come from a per-thread forward context (as vLLM keeps its attention op out of its graphs).
+
+Compiling never makes a user wait: the model is exported here (seconds), compiled by a process of its own
+(`aot.py`, a minute or two of one core, at a lower priority) while the eager forward serves, and the package is
+kept on disk per model fingerprint, torch version, device, dtype, CPU and row count, so a later start loads it in
+about a second. A step uses the graph once it is loaded; a compiled step runs in C++ without the GIL.
 
 The forward is written out for the Llama family (it follows transformers' LlamaModel: the same modules, the
-same rotary embedding); any other model runs eagerly. On this project's CPU the graph is compiled with
-inductor's frozen weights and its CPU GEMM templates (`max-autotune-no-cudagraphs`), which read the weights
-about twice as fast as eager PyTorch's GEMV.
+same rotary embedding); any other model runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import DynamicCache, PreTrainedModel
 
-from chatrt.cache.kv import new_cache
-from chatrt.model import LoadedModel
+from chatrt.errors import CompileFailed
+from chatrt.model import LoadedModel, quiet
 
 log = logging.getLogger("chatrt")
 SUPPORTED = frozenset({"llama"})
 AUTO_MIN_PARAMS = 50_000_000
-"""`compile = "auto"` compiles models at least this large: below it a step is overhead, not weights, and the
-minute a graph takes to compile does not pay back."""
-MODE = "max-autotune-no-cudagraphs"
+"""`compile = "auto"` compiles models at least this large: the package holds the weights twice (as given and
+packed for the GEMM kernels), which is worth its disk and minute of compiling where a step reads the weights."""
 
 _context = threading.local()  # the rows of the step this thread runs: (caches, spans)
 
@@ -82,12 +85,6 @@ def llama_forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Te
     return model.lm_head(m.norm(h))[0].float()  # [T, V]
 
 
-def buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... and max_batch itself."""
-    sizes = [1 << n for n in range(max_batch.bit_length()) if 1 << n <= max_batch]
-    return sizes if sizes[-1] == max_batch else [*sizes, max_batch]
-
-
 def compilable(lm: LoadedModel, setting: str) -> str:
     """Why this model is not compiled under `setting` ("" when it is)."""
     if setting == "off":
@@ -99,113 +96,104 @@ def compilable(lm: LoadedModel, setting: str) -> str:
     return ""
 
 
+def package_path(lm: LoadedModel, max_rows: int, folder: Path) -> Path:
+    """Where the compiled step of this model (its weights and tokenizer) for this many rows, torch and
+    transformers, device, dtype and CPU instruction set is kept."""
+    device = lm.device.type if lm.device.type != "cpu" else f"cpu-{torch.backends.cpu.get_cpu_capability()}"
+    dtype = str(lm.dtype).removeprefix("torch.")
+    versions = f"torch{torch.__version__}-transformers{transformers.__version__}"  # the graph holds both's code
+    return folder / f"{lm.info.fingerprint[:24]}-{versions}-{device}-{dtype}-{max_rows}rows.pt2"
+
+
 class CompiledSteps:
-    """The compiled graphs of one loaded model, shared by every engine (runtime) of the process that runs it:
-    `for_model` gives the same one, so a second runtime neither compiles again nor competes for the CPU."""
+    """The compiled decode step of one loaded model, shared by every engine (runtime) of the process that runs
+    it: `for_model` gives the same one, so a second runtime neither compiles again nor competes for the CPU."""
 
     @classmethod
-    def for_model(cls, lm: LoadedModel, max_batch: int, cache_dir: str = "") -> CompiledSteps:
-        """The model's compiled steps, compiling (in the background) the buckets up to `max_batch` not compiled
-        yet. `cache_dir`: where inductor keeps compiled code and autotuning results between runs."""
+    def for_model(cls, lm: LoadedModel, max_rows: int, folder: Path) -> CompiledSteps:
+        """The model's compiled step for up to `max_rows` rows, loading or compiling it in the background.
+        `folder`: where compiled packages are kept between runs."""
         with _SHARED_LOCK:
-            steps = _SHARED.get(lm.model)
-            if steps is None:
-                steps = _SHARED[lm.model] = cls(lm, cache_dir)
-        steps.want(buckets(max_batch))
-        return steps
+            mine = _SHARED.setdefault(lm.model, {})
+            if max_rows not in mine:
+                mine[max_rows] = cls(lm, max_rows, package_path(lm, max_rows, folder))
+            return mine[max_rows]
 
-    def __init__(self, lm: LoadedModel, cache_dir: str = "") -> None:
-        self.lm = lm
-        self.buckets: list[int] = []
-        self.ready: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-        self.seconds: dict[int, float] = {}
-        """How long each bucket took to compile."""
+    def __init__(self, lm: LoadedModel, max_rows: int, path: Path) -> None:
+        self.lm, self.max_rows, self.path = lm, max_rows, path
+        self.how = ""
+        """How the step became ready: "compiled" (this start) or "loaded" (compiled by an earlier one)."""
+        self.seconds = 0.0
+        """How long it took to be ready."""
         self.error = ""
         self.steps = 0
-        """Steps that ran through a compiled graph."""
-        if cache_dir:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
-        self._pending: list[int] = []
-        self._lock = threading.Lock()
+        """Steps that ran through the compiled graph."""
+        self._fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._done = threading.Event()
-        self._done.set()
-        self._thread: threading.Thread | None = None
+        threading.Thread(target=self._prepare, name="chatrt-compile", daemon=True).start()
 
-    def want(self, sizes: list[int]) -> None:
-        """Compile these buckets too, on the background thread."""
-        with self._lock:
-            new = [b for b in sizes if b not in self.buckets]
-            if not new or self.error:
-                return
-            self.buckets = sorted({*self.buckets, *new})
-            self._pending = sorted({*self._pending, *new})
-            self._done.clear()
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._compile_all, name="chatrt-compile", daemon=True)
-                self._thread.start()
+    @property
+    def ready(self) -> bool:
+        return self._fn is not None
 
     def run(self, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor | None:
-        """Decode rows (one token each after its cache, which grows by it) through the compiled graph of their
-        bucket: the logits [R, V]; None when that bucket is not compiled (yet), for the eager forward to run."""
-        size = next((b for b in self.buckets if b >= len(rows)), None)
-        fn = self.ready.get(size) if size is not None else None
-        if fn is None:
+        """Decode rows (one token each after its cache, which grows by it) through the compiled graph: the
+        logits [R, V]; None while it is not ready or for more rows than it takes, for the eager forward to run."""
+        fn = self._fn
+        if fn is None or len(rows) > self.max_rows:
             return None
         device = self.lm.device
-        ids = [ids[0] for _, ids in rows] + [0] * (size - len(rows))  # type: ignore[operator]
-        positions = [cache.get_seq_length() for cache, _ in rows] + [0] * (size - len(rows))  # type: ignore[operator]
+        ids = torch.tensor([[ids[0] for _, ids in rows]], device=device)  # [1, R]
+        positions = torch.tensor([[cache.get_seq_length() for cache, _ in rows]], device=device)  # [1, R]
         _context.rows = ([cache for cache, _ in rows], [(n, n + 1) for n in range(len(rows))])
         try:
             with torch.inference_mode():
-                logits = fn(torch.tensor([ids], device=device), torch.tensor([positions], device=device))
+                logits = fn(ids, positions)
         finally:
             _context.rows = None
         self.steps += 1
-        return logits[: len(rows)]
+        return logits
 
     def describe(self) -> str:
-        """Which buckets are compiled, in how long, and what failed."""
-        ready = ", ".join(f"{b} rows ({s:.0f} s)" for b, s in self.seconds.items()) or "none yet"
-        return f"compiled decode steps: {ready}" + (f"; compiling failed: {self.error}" if self.error else "")
+        """Whether the step is compiled, how, and what failed."""
+        if self.error:
+            return f"compiling the decode step failed, steps run eagerly: {self.error}"
+        if not self.ready:
+            return f"the decode step for up to {self.max_rows} rows is compiling (eager steps serve meanwhile)"
+        return f"decode step for up to {self.max_rows} rows {self.how} in {self.seconds:.0f} s"
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Until every bucket is compiled (or compiling stopped); whether it finished."""
+        """Until the step is ready (or compiling failed); whether that happened in time."""
         return self._done.wait(timeout)
 
-    def _compile_all(self) -> None:
-        # Every bucket is one more graph of the same function: dynamo's limit of 8 per function would refuse some.
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    def _prepare(self) -> None:
+        t0 = time.perf_counter()
         try:
-            while True:
-                with self._lock:
-                    if not self._pending:
-                        self._done.set()
-                        return
-                    size = self._pending.pop(0)
-                self._compile(size)
+            self.how = "loaded"
+            if not self.path.is_file():
+                self.how = "compiled"
+                self._build()
+            fn = torch._inductor.aoti_load_package(str(self.path))
+            self.seconds = time.perf_counter() - t0
+            self._fn = fn
+            log.info("%s", self.describe())
         except Exception as e:  # a model or a machine the compiler cannot handle: the eager forward serves
             self.error = f"{type(e).__name__}: {e}"
-            log.warning("compiling the decode step failed, the eager forward serves: %s", self.error)
-            with self._lock:
-                self._pending = []
-                self._done.set()
-
-    def _compile(self, size: int) -> None:
-        t0 = time.perf_counter()
-        fn = torch.compile(partial(llama_forward, self.lm.model), mode=MODE, fullgraph=True, dynamic=False)
-        device = self.lm.device
-        _context.rows = ([new_cache() for _ in range(size)], [(n, n + 1) for n in range(size)])
-        try:
-            with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
-                fn(torch.zeros(1, size, dtype=torch.long, device=device),
-                   torch.zeros(1, size, dtype=torch.long, device=device))  # fmt: skip  # compiles here
+            log.warning("%s", self.describe())
         finally:
-            _context.rows = None
-        self.seconds[size] = time.perf_counter() - t0
-        self.ready[size] = fn
-        log.info("compiled the decode step for %d rows in %.0f s", size, self.seconds[size])
+            self._done.set()
+
+    def _build(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".model-") as tmp:
+            with quiet():
+                self.lm.model.save_pretrained(tmp)  # the compiler process loads the very weights this one runs
+            args = [tmp, str(self.lm.device), str(self.max_rows), str(self.path)]
+            done = subprocess.run([sys.executable, "-m", "chatrt.engine.aot", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or [f"exit {done.returncode}"]
+            raise CompileFailed(f"the compiler process failed: {last[0]}")
 
 
-_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, CompiledSteps] = weakref.WeakKeyDictionary()
+_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, CompiledSteps]] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()

@@ -272,4 +272,3 @@ class Generation:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
-

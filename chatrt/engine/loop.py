@@ -12,8 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
-
-import torch
+from pathlib import Path
 
 from chatrt.cache.kv import KV
 from chatrt.config import EngineConfig, GenerationConfig, ModelConfig
@@ -106,9 +105,12 @@ class Request:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, config: EngineConfig, *, device_bytes: int = 0, thread: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, config: EngineConfig, *, device_bytes: int = 0, thread: bool = True,
+                 compiled_dir: Path | None = None) -> None:  # fmt: skip
         """`device_bytes`: the KV the running requests may hold on the device (0: no limit); beyond it the newest
-        is preempted. `thread=False`: no loop thread; the caller runs `step()` (tests drive exact batches)."""
+        is preempted. `thread=False`: no loop thread; the caller runs `step()` (tests drive exact batches).
+        `compiled_dir`: where compiled decode steps are kept between runs (by default beside the dequantized GGUF
+        weights)."""
         self.lm, self._threaded = lm, thread
         use_packed_attention(lm)
         self.compiled: CompiledSteps | None = None
@@ -116,8 +118,8 @@ class Engine:
         self.not_compiled = compilable(lm, config.compile)
         """Why decode steps are not compiled ("" when they are)."""
         if not self.not_compiled:
-            cache = cache_root(ModelConfig()) / "inductor" / f"torch-{torch.__version__}"  # kept between runs
-            self.compiled = CompiledSteps.for_model(lm, config.max_batch, cache_dir=str(cache))
+            folder = compiled_dir or cache_root(ModelConfig()) / "compiled"
+            self.compiled = CompiledSteps.for_model(lm, config.max_batch, folder)
         max_tokens = max(1, device_bytes // lm.info.kv_bytes_per_token) if device_bytes else 0
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk, max_tokens)
         self.steps = 0

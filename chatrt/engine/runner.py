@@ -26,8 +26,8 @@ def run(lm: LoadedModel, rows: list[tuple[DynamicCache, list[int]]], compiled: C
     torch.Tensor
 ):  # fmt: skip
     """Each row's `ids` run after its cache (which grows by them): the logits of each row's last new token,
-    [R, V]. Decode rows go through the compiled graph of their bucket when it is ready; otherwise a lone row
-    runs the plain forward, several rows one packed forward."""
+    [R, V]. Decode rows go through the compiled graph when it is ready; otherwise a lone row runs the plain
+    forward, several rows one packed forward."""
     if compiled is not None and all(len(ids) == 1 for _, ids in rows):
         logits = compiled.run(rows)
         if logits is not None:
