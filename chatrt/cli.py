@@ -191,6 +191,8 @@ def _loadtest(args: argparse.Namespace) -> int:
             results += asyncio.run(loadtest.over_http(url, sizes, args.turns, args.max_tokens))
         rt = _runtime_from(config)
         with rt, console.status(f"{args.users} users through the Python API…"):
+            if rt.engine.compiled is not None:  # as the server was: once its decode step is compiled
+                rt.engine.compiled.wait()
             results += asyncio.run(loadtest.in_process(AsyncChatRuntime(rt), sizes, args.turns, args.max_tokens))
         name = rt.lm.info.name
     report = loadtest.LoadReport(model=name, turns_per_user=args.turns, max_tokens=args.max_tokens, results=results)
@@ -207,6 +209,11 @@ def _loadtest(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"report: {out / 'loadtest.json'}")
     return 0
+
+
+def _decode_step(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+        return str(json.load(response).get("decode_step", ""))
 
 
 @contextlib.contextmanager
@@ -232,6 +239,8 @@ def _served(args: argparse.Namespace) -> Iterator[str]:
                 time.sleep(0.1)
         else:
             raise ConfigError("chatrt serve did not answer within two minutes")
+        while _decode_step(url) == "compiling":  # measured as it serves once compiled (a first start: minutes)
+            time.sleep(1)
         yield f"{url}/v1"
     finally:
         proc.terminate()

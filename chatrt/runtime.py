@@ -219,6 +219,7 @@ class ChatRuntime:
             requests_running=running,
             requests_waiting=waiting,
             preemptions=self.engine.preemptions,
+            decode_step=self.engine.decode_step(),
         )
 
     def publish_stats(self) -> None:

@@ -57,6 +57,7 @@ def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_
         started = time.perf_counter()
         first = s.send("hello there")  # answered eagerly while the step compiles
         assert not compiled.wait(0) and compiled.steps == 0, "the reply waited for the compiler"
+        assert rt.stats().decode_step == "compiling"
         assert_greedy(tiny_lm, s.template.render(s.transcript[:-1]), first.token_ids, 16)
         assert compiled.wait(600) and compiled.error == "" and compiled.how == "compiled", compiled.describe()
         waited = time.perf_counter() - started
@@ -66,12 +67,16 @@ def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_
             for session, reply in replies_at_once(rt, n, seed):
                 prompt = session.template.render(session.transcript[:-1])
                 identical += assert_greedy(tiny_lm, prompt, reply.token_ids, 16)
-        assert compiled.steps > 0
+        assert compiled.steps > 0 and rt.stats().decode_step == "compiled"
         print(f"compiled: {identical}/8 replies identical to eager")
     # A later start (another process, or this one with the model loaded again) loads the kept package.
     again = CompiledSteps(tiny_lm, 4, compiled.path)
     assert again.wait(60) and again.how == "loaded" and again.error == "", again.describe()
     assert again.seconds < compiled.seconds / 4
+    # A damaged package (a crash mid-copy, a disk error) is built again, not trusted and not fatal.
+    compiled.path.write_bytes(b"not a package")
+    rebuilt = CompiledSteps(tiny_lm, 4, compiled.path)
+    assert rebuilt.wait(600) and rebuilt.how == "compiled" and rebuilt.ready, rebuilt.describe()
 
 
 def test_a_step_that_cannot_compile_says_why_and_runs_eagerly(tiny_lm, tmp_path):
@@ -80,6 +85,7 @@ def test_a_step_that_cannot_compile_says_why_and_runs_eagerly(tiny_lm, tmp_path)
         compiled = rt.engine.compiled
         assert compiled is not None and compiled.wait(60)
         assert "failed" in compiled.describe() and compiled.error and not compiled.ready
+        assert rt.stats().decode_step == "eager"
         s = rt.open_session()
         reply = s.send("hello there")
         assert_greedy(tiny_lm, s.template.render(s.transcript[:-1]), reply.token_ids, 16)

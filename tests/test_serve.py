@@ -48,6 +48,7 @@ def test_health_readiness_and_the_model_list(server, client):
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{base}/readyz").json()
     assert ready["status"] == "ready" and ready["redis"] == "off"
+    assert ready["decode_step"] == "eager"  # engine.compile is off for the test suite
     assert [m.id for m in client.models.list().data] == [ready["model"]]
     assert "chatrt_prompt_tokens_total" in httpx.get(f"{base}/metrics").text
 

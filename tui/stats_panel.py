@@ -74,4 +74,6 @@ def runtime_table(stats: RuntimeStats) -> Table:
     table.add_row("restores", f"{c.restores} restored · {c.recomputes} recomputed · {c.drops} dropped")
     if c.redis_errors:
         table.add_row("redis errors", f"[red]{c.redis_errors}[/red]")
+    steps = {"compiling": "compiling in the background (eager meanwhile)"}.get(stats.decode_step, stats.decode_step)
+    table.add_row("decode steps", steps)
     return table

@@ -95,7 +95,7 @@ async def http_user(client: httpx.AsyncClient, model: str, user: int, turns: int
                         reply += piece
         out.append(Turn(ttft_s=ttft, seconds=time.perf_counter() - t0, completion_tokens=usage["completion_tokens"],
                         prompt_tokens=usage["prompt_tokens"],
-                        cached_tokens=usage["prompt_tokens_details"]["cached_tokens"]))  # fmt: skip
+                        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))  # fmt: skip
         messages.append({"role": "assistant", "content": reply})
     return out
 

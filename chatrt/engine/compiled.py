@@ -134,6 +134,7 @@ class CompiledSteps:
 
     @property
     def ready(self) -> bool:
+        """Whether steps run through the compiled graph now."""
         return self._fn is not None
 
     def run(self, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor | None:
@@ -170,12 +171,17 @@ class CompiledSteps:
         t0 = time.perf_counter()
         try:
             self.how = "loaded"
-            if not self.path.is_file():
+            if self.path.is_file():
+                try:
+                    self._fn = torch._inductor.aoti_load_package(str(self.path))
+                except Exception as e:  # damaged, or built by a torch this one cannot load: built again
+                    log.warning("the compiled decode step %s cannot be loaded (%s); compiling it again", self.path, e)
+                    self.path.unlink(missing_ok=True)
+            if self._fn is None:
                 self.how = "compiled"
                 self._build()
-            fn = torch._inductor.aoti_load_package(str(self.path))
+                self._fn = torch._inductor.aoti_load_package(str(self.path))
             self.seconds = time.perf_counter() - t0
-            self._fn = fn
             log.info("%s", self.describe())
         except Exception as e:  # a model or a machine the compiler cannot handle: the eager forward serves
             self.error = f"{type(e).__name__}: {e}"
@@ -191,8 +197,10 @@ class CompiledSteps:
             args = [tmp, str(self.lm.device), str(self.max_rows), str(self.path)]
             done = subprocess.run([sys.executable, "-m", "chatrt.engine.aot", *args], capture_output=True, text=True)
         if done.returncode != 0:
+            log_file = self.path.with_suffix(".log")
+            log_file.write_text(done.stderr)
             last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or [f"exit {done.returncode}"]
-            raise CompileFailed(f"the compiler process failed: {last[0]}")
+            raise CompileFailed(f"the compiler process failed ({last[0]}); its output is in {log_file}")
 
 
 _SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, CompiledSteps]] = weakref.WeakKeyDictionary()

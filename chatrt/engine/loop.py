@@ -129,6 +129,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopped = False
 
+    def decode_step(self) -> str:
+        """How decode steps run: "compiled", "compiling" (eagerly meanwhile) or "eager"."""
+        if self.compiled is None or self.compiled.error:
+            return "eager"
+        return "compiled" if self.compiled.ready else "compiling"
+
     def submit(self, gen: Generation) -> Request:
         """Queue a reply; its pieces come through the returned request's `stream()`."""
         request = Request(gen, self)

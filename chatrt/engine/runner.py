@@ -1,6 +1,7 @@
-"""How the engine runs the model for one step: decode rows through a compiled graph when one is ready
-(`compiled.py`), else a lone row through the plain forward (bit for bit what it computes alone, the exactness
-tests' reference path) and several rows through one packed forward (`packed.py`).
+"""How the engine runs the model for one step: rows of one token through the compiled step when it is ready
+(`compiled.py`), the others (prompt chunks) eagerly beside them: a lone row through the plain forward (bit for
+bit what it computes alone, the exactness tests' reference path), several rows through one packed forward
+(`packed.py`).
 The engine's step and everything that computes KV (shared prefixes, cost probes, tests, the bench) run here.
 """
 
@@ -26,12 +27,26 @@ def run(lm: LoadedModel, rows: list[tuple[DynamicCache, list[int]]], compiled: C
     torch.Tensor
 ):  # fmt: skip
     """Each row's `ids` run after its cache (which grows by them): the logits of each row's last new token,
-    [R, V]. Decode rows go through the compiled graph when it is ready; otherwise a lone row runs the plain
-    forward, several rows one packed forward."""
-    if compiled is not None and all(len(ids) == 1 for _, ids in rows):
-        logits = compiled.run(rows)
-        if logits is not None:
-            return logits
+    [R, V]. Once the compiled step is ready, the rows of one token (decoding, or a prompt's last token) run
+    through it and the rest (prompt chunks) eagerly beside them; otherwise a lone row runs the plain forward,
+    several rows one packed forward."""
+    single = [n for n, (_, ids) in enumerate(rows) if len(ids) == 1]
+    if compiled is None or not compiled.ready or not single or len(single) > compiled.max_rows:
+        return eager(lm, rows)
+    logits = compiled.run([rows[n] for n in single])
+    assert logits is not None, "a ready compiled step runs up to max_rows rows"
+    if len(single) == len(rows):
+        return logits
+    taken = set(single)
+    chunks = [n for n in range(len(rows)) if n not in taken]
+    out = logits.new_empty(len(rows), logits.shape[-1])  # [R, V]
+    out[single] = logits
+    out[chunks] = eager(lm, [rows[n] for n in chunks])
+    return out
+
+
+def eager(lm: LoadedModel, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor:
+    """The rows through the model's own forward: a lone row plainly (the exact path), several rows packed."""
     if len(rows) == 1:
         cache, ids = rows[0]
         return forward(lm, cache, ids)[None]
