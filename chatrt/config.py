@@ -147,11 +147,11 @@ class EngineConfig(_Section):
     """Prompt tokens prefilled per step, shared with the decoding rows, so a long prompt does not freeze the
     other streams; 0: a prompt is prefilled whole in one step."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """Decode steps through the model compiled ahead of time (AOTInductor) for 1 to max_batch rows: compiled
-    once by a background process while eager steps serve (a minute or two of one core on a 2-core CPU), kept
-    beside the model's cached weights and loaded in about a second by later starts. "auto": supported models
-    large enough to gain, "on": every supported model, "off": never (with max_batch = 1 and prefill_chunk = 0,
-    the exact path: bit for bit plain transformers)."""
+    """Decode steps (and short prompts, where measured faster) through the model compiled ahead of time
+    (AOTInductor): compiled once by a background process while eager steps serve (a minute or two of one core
+    on a 2-core CPU), kept beside the model's cached weights and loaded in the background by later starts.
+    "auto": supported models large enough to gain, "on": every supported model, "off": never (with
+    max_batch = 1 and prefill_chunk = 0, the exact path: bit for bit plain transformers)."""
 
 
 class MetricsConfig(_Section):

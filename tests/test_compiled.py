@@ -11,6 +11,7 @@ from pathlib import Path
 
 from chatrt import ChatRuntime, Config
 from chatrt.engine.compiled import CompiledSteps, compilable, package_path
+from chatrt.engine.runner import forward
 from chatrt.model import LoadedModel
 from tests.conftest import assert_greedy
 from tests.test_session import random_message
@@ -22,9 +23,9 @@ def test_auto_compiles_where_it_pays(tiny_lm, bundled_lm):
 
 
 def test_a_package_is_kept_per_model_row_count_and_versions(tiny_lm, bundled_lm, tmp_path):
-    path = package_path(tiny_lm, 4, tmp_path)
-    assert path.parent == tmp_path and path.name.endswith("-4rows.pt2") and "float32" in path.name
-    assert path != package_path(tiny_lm, 8, tmp_path) and path != package_path(bundled_lm, 4, tmp_path)
+    path = package_path(tiny_lm, 128, tmp_path)
+    assert path.parent == tmp_path and path.name.endswith("-128tokens.pt2") and "float32" in path.name
+    assert path != package_path(tiny_lm, 256, tmp_path) and path != package_path(bundled_lm, 128, tmp_path)
     import torch
     import transformers
 
@@ -70,12 +71,12 @@ def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_
         assert compiled.steps > 0 and rt.stats().decode_step == "compiled"
         print(f"compiled: {identical}/8 replies identical to eager")
     # A later start (another process, or this one with the model loaded again) loads the kept package.
-    again = CompiledSteps(tiny_lm, 4, compiled.path)
+    again = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, forward)
     assert again.wait(60) and again.how == "loaded" and again.error == "", again.describe()
     assert again.seconds < compiled.seconds / 4
     # A damaged package (a crash mid-copy, a disk error) is built again, not trusted and not fatal.
     compiled.path.write_bytes(b"not a package")
-    rebuilt = CompiledSteps(tiny_lm, 4, compiled.path)
+    rebuilt = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, forward)
     assert rebuilt.wait(600) and rebuilt.how == "compiled" and rebuilt.ready, rebuilt.describe()
 
 

@@ -140,7 +140,10 @@ async def measure(path: str, users: int, turns: int, user: Callable[[int], Await
 
 
 async def over_http(url: str, sizes: list[int], turns: int, max_tokens: int) -> list[LoadResult]:
-    async with httpx.AsyncClient(base_url=url.removesuffix("/v1"), timeout=600) as client:
+    # A connection per request: some servers (llama-server) close kept-alive connections between requests,
+    # which a client reusing them meets as a disconnect.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url.removesuffix("/v1"), timeout=600, limits=fresh) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         await http_user(client, model, 10**6, 1, max_tokens)  # warm-up (its session is not measured)
         return [

@@ -1,6 +1,6 @@
-"""Building the compiled decode step ahead of time, in a process of its own: `python -m chatrt.engine.aot MODEL
-DEVICE ROWS PACKAGE` loads the model saved in the folder MODEL, exports its decode step for 1 to ROWS rows
-(`torch.export`) and compiles it with AOTInductor into PACKAGE, which any process loads in about a second.
+"""Building the compiled step ahead of time, in a process of its own: `python -m chatrt.engine.aot MODEL DEVICE
+TOKENS PACKAGE` loads the model saved in the folder MODEL, exports its step for 1 to TOKENS tokens (`torch.export`)
+and compiles it with AOTInductor into PACKAGE, which any process then loads in seconds.
 Exporting and compiling take a minute or two of one core and change process-wide tracing state; in a process
 of their own (at a lower priority) they neither hold the serving process's GIL nor disturb its steps.
 """
@@ -25,21 +25,23 @@ class Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return llama_forward(self.model, ids, positions)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return llama_forward(self.model, ids, positions, last)
 
 
-def export(model: PreTrainedModel, max_rows: int) -> torch.export.ExportedProgram:
-    """The model's decode step for 1 to `max_rows` rows (one token each), exported."""
-    rows = min(2, max_rows)  # an example inside the range: export specializes a dimension whose example is 1
-    ids, positions = (torch.zeros(1, rows, dtype=torch.long, device=model.device) for _ in range(2))  # two: one
-    # tensor given twice would be traced as one input
+def export(model: PreTrainedModel, max_tokens: int) -> torch.export.ExportedProgram:
+    """The model's step for 1 to `max_tokens` tokens in 1 to that many rows, exported."""
+    # Examples inside the ranges (export specializes a dimension whose example is 1), each a tensor of its own
+    # (one tensor given twice would be traced as one input).
+    n = min(2, max_tokens)
+    ids, positions = (torch.zeros(1, n, dtype=torch.long, device=model.device) for _ in range(2))
+    last = torch.arange(n, device=model.device)
     shapes = None
-    if max_rows > 1:
-        tokens = torch.export.Dim("tokens", min=1, max=max_rows)
-        shapes = ({1: tokens}, {1: tokens})
+    if max_tokens > 1:
+        tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+        shapes = ({1: tokens}, {1: tokens}, {0: torch.export.Dim("rows", min=1, max=max_tokens)})
     with torch.inference_mode():
-        return torch.export.export(Step(model), (ids, positions), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(Step(model), (ids, positions, last), dynamic_shapes=shapes, strict=False)
 
 
 def inductor_configs(device: torch.device) -> dict[str, object]:
@@ -50,11 +52,11 @@ def inductor_configs(device: torch.device) -> dict[str, object]:
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def build(folder: Path, device: torch.device, max_rows: int, package: Path) -> None:
+def build(folder: Path, device: torch.device, max_tokens: int, package: Path) -> None:
     """Compile the decode step of the model saved in `folder` into `package` (written whole or not at all:
     another process may be loading or building the same one)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
-    program = export(model, max_rows)
+    program = export(model, max_tokens)
     partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(partial),

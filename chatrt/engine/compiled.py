@@ -1,11 +1,13 @@
-"""Compiled decode steps: the whole model as one graph compiled ahead of time (AOTInductor) for any number of
-rows up to `max_batch` (one token each), with attention kept out of the graph as an opaque op over each row's own
+"""The compiled step: the whole model as one graph compiled ahead of time (AOTInductor) for any step of up to
+`max(max_batch, PROMPT_TOKENS)` tokens, with attention kept out of the graph as an opaque op over each row's own
 cache, whose rows come from a per-thread forward context (as vLLM keeps its attention op out of its graphs).
+Decoding rows always run through it; a step with prompt chunks does where it was measured faster.
 
-Compiling never makes a user wait: the model is exported here (seconds), compiled by a process of its own
-(`aot.py`, a minute or two of one core, at a lower priority) while the eager forward serves, and the package is
-kept on disk per model fingerprint, torch version, device, dtype, CPU and row count, so a later start loads it in
-about a second. A step uses the graph once it is loaded; a compiled step runs in C++ without the GIL.
+Compiling never makes a user wait: a process of its own (`aot.py`, a minute or two of one core, at a lower
+priority) exports and compiles the model while the eager forward serves, and the package is kept on disk per
+model fingerprint, torch and transformers version, device, dtype, CPU and size, so a later start only loads it
+(seconds, in the background). A compiled step runs in C++ and releases the GIL (the attention op takes it for
+its Python).
 
 The forward is written out for the Llama family (it follows transformers' LlamaModel: the same modules, the
 same rotary embedding); any other model runs eagerly.
@@ -13,6 +15,7 @@ same rotary embedding); any other model runs eagerly.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache, PreTrainedModel
 
+from chatrt.cache.kv import new_cache
 from chatrt.errors import CompileFailed
 from chatrt.model import LoadedModel, quiet
 
@@ -36,37 +40,52 @@ SUPPORTED = frozenset({"llama"})
 AUTO_MIN_PARAMS = 50_000_000
 """`compile = "auto"` compiles models at least this large: the package holds the weights twice (as given and
 packed for the GEMM kernels), which is worth its disk and minute of compiling where a step reads the weights."""
+PROMPT_TOKENS = 128
+"""The graph takes steps of up to this many tokens (or max_batch, if more), so short prompts (a chat's next
+message) can run through it too where that was measured faster."""
 
 _context = threading.local()  # the rows of the step this thread runs: (caches, spans)
 
 
-@torch.library.custom_op("chatrt::attend", mutates_args=())
+_LIBRARY = torch.library.Library("chatrt", "DEF")  # registered plainly: custom_op's wrappers cost 30 calls a step
+_LIBRARY.define("attend(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "attend", "CompositeExplicitAutograd")
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    """q: [1, H, T, D]; k, v: [1, H_kv, T, D] for T packed tokens (the rows' tokens, then padding). Each row's
-    keys and values are appended to its own cache and it attends over that cache (causally among its new
-    tokens); padding attends to nothing and comes out as zeros. Returns [1, H, T, D]."""
+    """q: [1, H, T, D]; k, v: [1, H_kv, T, D] for the T packed tokens of the step's rows. Each row's keys and
+    values are appended to its own cache and it attends over that cache (causally among its new tokens).
+    Returns [1, H, T, D], contiguous."""
     caches, spans = _context.rows
-    outs = []
+    assert spans[-1][1] == q.shape[2], "the rows' tokens are the step's tokens"
+    if len(spans) == 1:  # one row: its output is the op's
+        keys, values = caches[0].update(k, v, layer)  # [1, H_kv, L, D]
+        return _attend_row(q, keys, values, scale).contiguous()
+    out = q.new_empty(q.shape)
     for cache, (start, end) in zip(caches, spans, strict=True):
-        keys, values = cache.update(k[..., start:end, :], v[..., start:end, :], layer)  # [1, H_kv, L, D]
-        n, length = end - start, keys.shape[-2]
-        mask = None if n == 1 else torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
-        outs.append(F.scaled_dot_product_attention(q[..., start:end, :], keys, values, attn_mask=mask, scale=scale,
-                                                   enable_gqa=True))  # fmt: skip
-    padding = q.shape[2] - (spans[-1][1] if spans else 0)
-    if padding:
-        outs.append(q.new_zeros(q.shape[0], q.shape[1], padding, q.shape[3]))
-    return torch.cat(outs, dim=2).contiguous()
+        keys, values = cache.update(k[..., start:end, :], v[..., start:end, :], layer)
+        out[..., start:end, :] = _attend_row(q[..., start:end, :], keys, values, scale)
+    return out
 
 
-@attend.register_fake
+def _attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [1, H, n, D], the row's n newest tokens; keys, values: [1, H_kv, L, D] (those n last): [1, H, n, D]."""
+    n, length = q.shape[2], keys.shape[-2]
+    mask = None if n == 1 else torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@torch.library.register_fake("chatrt::attend")
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous, as the real one returns
 
 
-def llama_forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaForCausalLM forward with `chatrt::attend` for attention: ids, positions [1, T];
-    returns the logits of every position, [T, V]."""
+def llama_forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> (
+    torch.Tensor
+):  # fmt: skip
+    """transformers' LlamaForCausalLM forward with `chatrt::attend` for attention: ids, positions [1, T] (the
+    step's rows' tokens, packed); `last` [R], the index of each row's last token. Returns their logits, [R, V]
+    (the output head runs on those tokens only)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     m, t = model.model, ids.shape[1]
@@ -82,7 +101,7 @@ def llama_forward(model: PreTrainedModel, ids: torch.Tensor, positions: torch.Te
         o = torch.ops.chatrt.attend(q, k, v, i, a.scaling)  # [1, H, T, D]
         h = h + a.o_proj(o.transpose(1, 2).reshape(1, t, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(m.norm(h))[0].float()  # [T, V]
+    return model.lm_head(m.norm(h[0, last])).float()  # [R, V]
 
 
 def compilable(lm: LoadedModel, setting: str) -> str:
@@ -96,31 +115,43 @@ def compilable(lm: LoadedModel, setting: str) -> str:
     return ""
 
 
-def package_path(lm: LoadedModel, max_rows: int, folder: Path) -> Path:
-    """Where the compiled step of this model (its weights and tokenizer) for this many rows, torch and
+def package_path(lm: LoadedModel, max_tokens: int, folder: Path) -> Path:
+    """Where the compiled step of this model (its weights and tokenizer) for up to this many tokens, torch and
     transformers, device, dtype and CPU instruction set is kept."""
     device = lm.device.type if lm.device.type != "cpu" else f"cpu-{torch.backends.cpu.get_cpu_capability()}"
     dtype = str(lm.dtype).removeprefix("torch.")
     versions = f"torch{torch.__version__}-transformers{transformers.__version__}"  # the graph holds both's code
-    return folder / f"{lm.info.fingerprint[:24]}-{versions}-{device}-{dtype}-{max_rows}rows.pt2"
+    return folder / f"{lm.info.fingerprint[:24]}-{versions}-{device}-{dtype}-{max_tokens}tokens.pt2"
+
+
+Rows = list[tuple[DynamicCache, list[int]]]
+"""A step's rows: each row's cache and the ids that run after it."""
+Eager = Callable[[LoadedModel, DynamicCache, list[int]], torch.Tensor]
+"""The eager forward of one row (`runner.forward`), which the compiled step is measured against."""
 
 
 class CompiledSteps:
-    """The compiled decode step of one loaded model, shared by every engine (runtime) of the process that runs
-    it: `for_model` gives the same one, so a second runtime neither compiles again nor competes for the CPU."""
+    """The compiled step of one loaded model, shared by every engine (runtime) of the process that runs it:
+    `for_model` gives the same one, so a second runtime neither compiles again nor competes for the CPU."""
 
     @classmethod
-    def for_model(cls, lm: LoadedModel, max_rows: int, folder: Path) -> CompiledSteps:
-        """The model's compiled step for up to `max_rows` rows, loading or compiling it in the background.
-        `folder`: where compiled packages are kept between runs."""
+    def for_model(cls, lm: LoadedModel, max_rows: int, folder: Path, eager: Eager) -> CompiledSteps:
+        """The model's compiled step for up to `max_rows` decoding rows (and short prompts), loaded or compiled
+        in the background. `folder`: where compiled packages are kept between runs."""
+        tokens = max(max_rows, PROMPT_TOKENS)
+        path = package_path(lm, tokens, folder)
         with _SHARED_LOCK:
             mine = _SHARED.setdefault(lm.model, {})
-            if max_rows not in mine:
-                mine[max_rows] = cls(lm, max_rows, package_path(lm, max_rows, folder))
-            return mine[max_rows]
+            if path not in mine:
+                mine[path] = cls(lm, tokens, path, eager)
+            return mine[path]
 
-    def __init__(self, lm: LoadedModel, max_rows: int, path: Path) -> None:
-        self.lm, self.max_rows, self.path = lm, max_rows, path
+    def __init__(self, lm: LoadedModel, tokens: int, path: Path, eager: Eager) -> None:
+        self.lm, self.tokens, self.path, self._eager = lm, tokens, path, eager
+        """`tokens`: the most tokens a step through the graph may hold."""
+        self.prompt_tokens = 0
+        """The most tokens a step with prompt chunks in it runs compiled: where the graph was measured faster
+        than the eager forward on this machine (its GEMM kernels are tuned for decoding's few rows)."""
         self.how = ""
         """How the step became ready: "compiled" (this start) or "loaded" (compiled by an earlier one)."""
         self.seconds = 0.0
@@ -128,7 +159,7 @@ class CompiledSteps:
         self.error = ""
         self.steps = 0
         """Steps that ran through the compiled graph."""
-        self._fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._done = threading.Event()
         threading.Thread(target=self._prepare, name="chatrt-compile", daemon=True).start()
 
@@ -137,19 +168,32 @@ class CompiledSteps:
         """Whether steps run through the compiled graph now."""
         return self._fn is not None
 
-    def run(self, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor | None:
-        """Decode rows (one token each after its cache, which grows by it) through the compiled graph: the
-        logits [R, V]; None while it is not ready or for more rows than it takes, for the eager forward to run."""
+    def takes(self, rows: Rows) -> bool:
+        """Whether these rows run faster through the graph: decoding rows (one token each) always, rows with
+        prompt chunks up to the measured `prompt_tokens`."""
+        if self._fn is None:
+            return False
+        tokens = sum(len(ids) for _, ids in rows)
+        return tokens <= (self.tokens if tokens == len(rows) else self.prompt_tokens)
+
+    def run(self, rows: Rows) -> torch.Tensor:
+        """Each row's ids run after its cache (which grows by them) through the graph: the logits of each row's
+        last token, [R, V]. Only for rows it `takes`."""
         fn = self._fn
-        if fn is None or len(rows) > self.max_rows:
-            return None
+        assert fn is not None and sum(len(ids) for _, ids in rows) <= self.tokens
+        spans, end = [], 0
+        for _, ids in rows:
+            spans.append((end, end + len(ids)))
+            end += len(ids)
         device = self.lm.device
-        ids = torch.tensor([[ids[0] for _, ids in rows]], device=device)  # [1, R]
-        positions = torch.tensor([[cache.get_seq_length() for cache, _ in rows]], device=device)  # [1, R]
-        _context.rows = ([cache for cache, _ in rows], [(n, n + 1) for n in range(len(rows))])
+        ids = torch.tensor([[i for _, row in rows for i in row]], device=device)  # [1, T]
+        positions = torch.tensor([[cache.get_seq_length() + j for cache, row in rows for j in range(len(row))]],
+                                 device=device)  # fmt: skip  # [1, T]
+        last = torch.tensor([stop - 1 for _, stop in spans], device=device)  # [R]
+        _context.rows = ([cache for cache, _ in rows], spans)
         try:
             with torch.inference_mode():
-                logits = fn(ids, positions)
+                logits = fn(ids, positions, last)
         finally:
             _context.rows = None
         self.steps += 1
@@ -160,8 +204,9 @@ class CompiledSteps:
         if self.error:
             return f"compiling the decode step failed, steps run eagerly: {self.error}"
         if not self.ready:
-            return f"the decode step for up to {self.max_rows} rows is compiling (eager steps serve meanwhile)"
-        return f"decode step for up to {self.max_rows} rows {self.how} in {self.seconds:.0f} s"
+            return "the decode step is compiling (eager steps serve meanwhile)"
+        prompts = f"prompts up to {self.prompt_tokens} tokens" if self.prompt_tokens else "no prompt chunks"
+        return f"step for up to {self.tokens} tokens {self.how} in {self.seconds:.0f} s (decoding rows and {prompts})"
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the step is ready (or compiling failed); whether that happened in time."""
@@ -171,17 +216,21 @@ class CompiledSteps:
         t0 = time.perf_counter()
         try:
             self.how = "loaded"
+            fn = None
             if self.path.is_file():
                 try:
-                    self._fn = torch._inductor.aoti_load_package(str(self.path))
+                    fn = torch._inductor.aoti_load_package(str(self.path))
                 except Exception as e:  # damaged, or built by a torch this one cannot load: built again
                     log.warning("the compiled decode step %s cannot be loaded (%s); compiling it again", self.path, e)
                     self.path.unlink(missing_ok=True)
-            if self._fn is None:
+                    self.path.with_suffix(".json").unlink(missing_ok=True)
+            if fn is None:
                 self.how = "compiled"
                 self._build()
-                self._fn = torch._inductor.aoti_load_package(str(self.path))
+                fn = torch._inductor.aoti_load_package(str(self.path))
+            self.prompt_tokens = self._prompt_tokens(fn)
             self.seconds = time.perf_counter() - t0
+            self._fn = fn
             log.info("%s", self.describe())
         except Exception as e:  # a model or a machine the compiler cannot handle: the eager forward serves
             self.error = f"{type(e).__name__}: {e}"
@@ -189,12 +238,56 @@ class CompiledSteps:
         finally:
             self._done.set()
 
+    def _prompt_tokens(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+        """`_measure`d once per package (a few seconds), then kept beside it."""
+        kept = self.path.with_suffix(".json")
+        try:
+            return int(json.loads(kept.read_text())["prompt_tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            tokens = self._measure(fn)
+            kept.write_text(json.dumps({"prompt_tokens": tokens}))
+            return tokens
+
+    def _measure(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+        """The most prompt tokens (of 8, 16, 32, ...) one row runs faster through the graph than eagerly, after a
+        few tokens of context (best of two tries each); 0 if none."""
+        context, device = list(range(1, 17)), self.lm.device
+
+        def compiled(ids: list[int]) -> float:
+            cache = new_cache()
+            self._eager(self.lm, cache, context)
+            _context.rows = ([cache], [(0, len(ids))])
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    fn(torch.tensor([ids], device=device), torch.arange(16, 16 + len(ids), device=device)[None],
+                       torch.tensor([len(ids) - 1], device=device))  # fmt: skip
+                    return time.perf_counter() - t0
+            finally:
+                _context.rows = None
+
+        def eager(ids: list[int]) -> float:
+            cache = new_cache()
+            self._eager(self.lm, cache, context)
+            t0 = time.perf_counter()
+            self._eager(self.lm, cache, ids)
+            return time.perf_counter() - t0
+
+        best, n = 0, 8
+        while n <= self.tokens:
+            ids = list(range(100, 100 + n))
+            if min(compiled(ids) for _ in range(2)) >= min(eager(ids) for _ in range(2)):
+                break
+            best, n = n, 2 * n
+        return best
+
     def _build(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.with_suffix(".json").unlink(missing_ok=True)  # measured again once built
         with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".model-") as tmp:
             with quiet():
                 self.lm.model.save_pretrained(tmp)  # the compiler process loads the very weights this one runs
-            args = [tmp, str(self.lm.device), str(self.max_rows), str(self.path)]
+            args = [tmp, str(self.lm.device), str(self.tokens), str(self.path)]
             done = subprocess.run([sys.executable, "-m", "chatrt.engine.aot", *args], capture_output=True, text=True)
         if done.returncode != 0:
             log_file = self.path.with_suffix(".log")
@@ -203,5 +296,5 @@ class CompiledSteps:
             raise CompileFailed(f"the compiler process failed ({last[0]}); its output is in {log_file}")
 
 
-_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, CompiledSteps]] = weakref.WeakKeyDictionary()
+_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[Path, CompiledSteps]] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()

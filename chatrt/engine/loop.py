@@ -119,7 +119,7 @@ class Engine:
         """Why decode steps are not compiled ("" when they are)."""
         if not self.not_compiled:
             folder = compiled_dir or cache_root(ModelConfig()) / "compiled"
-            self.compiled = CompiledSteps.for_model(lm, config.max_batch, folder)
+            self.compiled = CompiledSteps.for_model(lm, config.max_batch, folder, runner.forward)
         max_tokens = max(1, device_bytes // lm.info.kv_bytes_per_token) if device_bytes else 0
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.prefill_chunk, max_tokens)
         self.steps = 0

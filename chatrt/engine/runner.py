@@ -1,7 +1,6 @@
-"""How the engine runs the model for one step: rows of one token through the compiled step when it is ready
-(`compiled.py`), the others (prompt chunks) eagerly beside them: a lone row through the plain forward (bit for
-bit what it computes alone, the exactness tests' reference path), several rows through one packed forward
-(`packed.py`).
+"""How the engine runs the model for one step: through the compiled step where it is ready and faster
+(`compiled.py`), else eagerly: a lone row through the plain forward (bit for bit what it computes alone, the
+exactness tests' reference path), several rows through one packed forward (`packed.py`).
 The engine's step and everything that computes KV (shared prefixes, cost probes, tests, the bench) run here.
 """
 
@@ -10,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from chatrt.engine.compiled import CompiledSteps
+from chatrt.engine.compiled import CompiledSteps, Rows
 from chatrt.engine.packed import run_rows
 from chatrt.model import LoadedModel
 
@@ -23,29 +22,28 @@ def forward(lm: LoadedModel, cache: DynamicCache, ids: list[int]) -> torch.Tenso
     return lm.model(input_ids=x, **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
 
-def run(lm: LoadedModel, rows: list[tuple[DynamicCache, list[int]]], compiled: CompiledSteps | None = None) -> (
-    torch.Tensor
-):  # fmt: skip
+def run(lm: LoadedModel, rows: Rows, compiled: CompiledSteps | None = None) -> torch.Tensor:
     """Each row's `ids` run after its cache (which grows by them): the logits of each row's last new token,
-    [R, V]. Once the compiled step is ready, the rows of one token (decoding, or a prompt's last token) run
-    through it and the rest (prompt chunks) eagerly beside them; otherwise a lone row runs the plain forward,
-    several rows one packed forward."""
-    single = [n for n, (_, ids) in enumerate(rows) if len(ids) == 1]
-    if compiled is None or not compiled.ready or not single or len(single) > compiled.max_rows:
+    [R, V]. Once the compiled step is ready, the rows run through it where it is faster (decoding rows, short
+    prompts); otherwise its rows of one token run through it and the prompt chunks eagerly beside them. Without
+    it, a lone row runs the plain forward, several rows one packed forward."""
+    if compiled is None or not compiled.ready:
         return eager(lm, rows)
-    logits = compiled.run([rows[n] for n in single])
-    assert logits is not None, "a ready compiled step runs up to max_rows rows"
-    if len(single) == len(rows):
-        return logits
+    if compiled.takes(rows):
+        return compiled.run(rows)
+    single = [n for n, (_, ids) in enumerate(rows) if len(ids) == 1]
+    if not single or not compiled.takes([rows[n] for n in single]):
+        return eager(lm, rows)
     taken = set(single)
     chunks = [n for n in range(len(rows)) if n not in taken]
+    logits = compiled.run([rows[n] for n in single])  # [S, V]
     out = logits.new_empty(len(rows), logits.shape[-1])  # [R, V]
     out[single] = logits
     out[chunks] = eager(lm, [rows[n] for n in chunks])
     return out
 
 
-def eager(lm: LoadedModel, rows: list[tuple[DynamicCache, list[int]]]) -> torch.Tensor:
+def eager(lm: LoadedModel, rows: Rows) -> torch.Tensor:
     """The rows through the model's own forward: a lone row plainly (the exact path), several rows packed."""
     if len(rows) == 1:
         cache, ids = rows[0]
