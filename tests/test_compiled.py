@@ -9,9 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
 from chatrt import ChatRuntime, Config
+from chatrt.cache.kv import new_cache
+from chatrt.engine import runner
 from chatrt.engine.compiled import CompiledSteps, compilable, package_path
-from chatrt.engine.runner import forward
 from chatrt.model import LoadedModel
 from tests.conftest import assert_greedy
 from tests.test_session import random_message
@@ -22,13 +26,10 @@ def test_auto_compiles_where_it_pays(tiny_lm, bundled_lm):
     assert compilable(bundled_lm, "auto") == "" and "off" in compilable(bundled_lm, "off")
 
 
-def test_a_package_is_kept_per_model_row_count_and_versions(tiny_lm, bundled_lm, tmp_path):
+def test_a_package_is_kept_per_model_size_and_versions(tiny_lm, bundled_lm, tmp_path):
     path = package_path(tiny_lm, 128, tmp_path)
     assert path.parent == tmp_path and path.name.endswith("-128tokens.pt2") and "float32" in path.name
     assert path != package_path(tiny_lm, 256, tmp_path) and path != package_path(bundled_lm, 128, tmp_path)
-    import torch
-    import transformers
-
     assert torch.__version__ in path.name and transformers.__version__ in path.name
 
 
@@ -69,14 +70,32 @@ def test_compiled_steps_give_the_eager_replies_batched_and_alone_and_never_make_
                 prompt = session.template.render(session.transcript[:-1])
                 identical += assert_greedy(tiny_lm, prompt, reply.token_ids, 16)
         assert compiled.steps > 0 and rt.stats().decode_step == "compiled"
-        print(f"compiled: {identical}/8 replies identical to eager")
+        # As on a machine where prompts ran faster eagerly: decoding rows compiled, prompt chunks eager beside them.
+        assert compiled.prompt_tokens > 0  # the tiny model's eager forward is all overhead
+        compiled.prompt_tokens, steps = 0, compiled.steps
+        for session, reply in replies_at_once(rt, 3, 3):
+            prompt = session.template.render(session.transcript[:-1])
+            identical += assert_greedy(tiny_lm, prompt, reply.token_ids, 16)
+        assert compiled.steps > steps
+        print(f"compiled: {identical}/11 replies identical to eager")
+        # One step of a decoding row and a prompt chunk: the row compiled, the chunk eagerly, each as eager would.
+        decoding, prompting = new_cache(), new_cache()
+        runner.forward(tiny_lm, decoding, [1, 2, 3])
+        rows, before = [(decoding, [4]), (new_cache(), [5, 6, 7, 8])], compiled.steps
+        logits = runner.run(tiny_lm, rows, compiled)  # [2, V]
+        runner.forward(tiny_lm, prompting, [1, 2, 3])
+        expected = torch.stack([runner.forward(tiny_lm, prompting, [4]),
+                                runner.forward(tiny_lm, new_cache(), [5, 6, 7, 8])])  # fmt: skip
+        assert compiled.steps == before + 1  # the decoding row went through the graph
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        assert [c.get_seq_length() for c, _ in rows] == [4, 4]
     # A later start (another process, or this one with the model loaded again) loads the kept package.
-    again = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, forward)
+    again = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, runner.forward)
     assert again.wait(60) and again.how == "loaded" and again.error == "", again.describe()
     assert again.seconds < compiled.seconds / 4
     # A damaged package (a crash mid-copy, a disk error) is built again, not trusted and not fatal.
     compiled.path.write_bytes(b"not a package")
-    rebuilt = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, forward)
+    rebuilt = CompiledSteps(tiny_lm, compiled.tokens, compiled.path, runner.forward)
     assert rebuilt.wait(600) and rebuilt.how == "compiled" and rebuilt.ready, rebuilt.describe()
 
 
