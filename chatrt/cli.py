@@ -239,7 +239,7 @@ def _served(args: argparse.Namespace) -> Iterator[str]:
                 time.sleep(0.1)
         else:
             raise ConfigError("chatrt serve did not answer within two minutes")
-        while _decode_step(url) == "compiling":  # measured as it serves once compiled (a first start: minutes)
+        while _decode_step(url) in ("compiling", "loading"):  # measured as it serves once compiled (first: minutes)
             time.sleep(1)
         yield f"{url}/v1"
     finally:

@@ -127,8 +127,8 @@ class RuntimeStats(TokenTotals):
     preemptions: int = 0
     """Running turns parked on the host because the batch's KV outgrew tiers.device_bytes (they resume first)."""
     decode_step: str = "eager"
-    """How decode steps run: "compiled", "compiling" (a background process builds it; eager steps meanwhile) or
-    "eager" (engine.compile is off, the model is not supported, or compiling failed)."""
+    """How decode steps run: "compiled"; "compiling" (a background process builds it) or "loading" (from disk),
+    eagerly meanwhile; or "eager" (engine.compile is off, the model is not supported, or compiling failed)."""
 
 
 class DeploymentStats(BaseModel):

@@ -74,6 +74,7 @@ def runtime_table(stats: RuntimeStats) -> Table:
     table.add_row("restores", f"{c.restores} restored · {c.recomputes} recomputed · {c.drops} dropped")
     if c.redis_errors:
         table.add_row("redis errors", f"[red]{c.redis_errors}[/red]")
-    steps = {"compiling": "compiling in the background (eager meanwhile)"}.get(stats.decode_step, stats.decode_step)
+    meanwhile = {"compiling": "compiling in the background", "loading": "loading the compiled step"}
+    steps = f"{meanwhile[stats.decode_step]} (eager meanwhile)" if stats.decode_step in meanwhile else stats.decode_step
     table.add_row("decode steps", steps)
     return table

@@ -152,8 +152,8 @@ class CompiledSteps:
         self.prompt_tokens = 0
         """The most tokens a step with prompt chunks in it runs compiled: where the graph was measured faster
         than the eager forward on this machine (its GEMM kernels are tuned for decoding's few rows)."""
-        self.how = ""
-        """How the step became ready: "compiled" (this start) or "loaded" (compiled by an earlier one)."""
+        self.how = "loaded"
+        """How the step becomes ready: "loaded" (compiled by an earlier start) or "compiled" (by this one)."""
         self.seconds = 0.0
         """How long it took to be ready."""
         self.error = ""
@@ -204,7 +204,8 @@ class CompiledSteps:
         if self.error:
             return f"compiling the decode step failed, steps run eagerly: {self.error}"
         if not self.ready:
-            return "the decode step is compiling (eager steps serve meanwhile)"
+            doing = "compiling" if self.how == "compiled" else "loading"
+            return f"the decode step is {doing} (eager steps serve meanwhile)"
         prompts = f"prompts up to {self.prompt_tokens} tokens" if self.prompt_tokens else "no prompt chunks"
         return f"step for up to {self.tokens} tokens {self.how} in {self.seconds:.0f} s (decoding rows and {prompts})"
 
@@ -215,7 +216,6 @@ class CompiledSteps:
     def _prepare(self) -> None:
         t0 = time.perf_counter()
         try:
-            self.how = "loaded"
             fn = None
             if self.path.is_file():
                 try:

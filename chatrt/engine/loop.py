@@ -130,10 +130,12 @@ class Engine:
         self._stopped = False
 
     def decode_step(self) -> str:
-        """How decode steps run: "compiled", "compiling" (eagerly meanwhile) or "eager"."""
+        """How decode steps run: "compiled", "compiling" or "loading" (eagerly meanwhile), or "eager"."""
         if self.compiled is None or self.compiled.error:
             return "eager"
-        return "compiled" if self.compiled.ready else "compiling"
+        if self.compiled.ready:
+            return "compiled"
+        return "compiling" if self.compiled.how == "compiled" else "loading"
 
     def submit(self, gen: Generation) -> Request:
         """Queue a reply; its pieces come through the returned request's `stream()`."""

@@ -411,7 +411,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             except StoreUnavailable as e:
                 return HTTPError(503, f"Redis is not reachable: {e}", "overloaded_error", retry_after=1).response()
         ready = {"status": "ready", "model": server.model_id, "redis": "off" if store is None else "ok",
-                 "decode_step": server.rt.engine.decode_step()}  # fmt: skip  # compiled, compiling or eager
+                 "decode_step": server.rt.engine.decode_step()}  # fmt: skip  # compiled, compiling, loading or eager
         if server.authorized(request):  # process details only for who holds the key
             ready["pid"] = os.getpid()
         return JSONResponse(ready)
