@@ -179,23 +179,8 @@ class CompiledSteps:
     def run(self, rows: Rows) -> torch.Tensor:
         """Each row's ids run after its cache (which grows by them) through the graph: the logits of each row's
         last token, [R, V]. Only for rows it `takes`."""
-        fn = self._fn
-        assert fn is not None and sum(len(ids) for _, ids in rows) <= self.tokens
-        spans, end = [], 0
-        for _, ids in rows:
-            spans.append((end, end + len(ids)))
-            end += len(ids)
-        device = self.lm.device
-        ids = torch.tensor([[i for _, row in rows for i in row]], device=device)  # [1, T]
-        positions = torch.tensor([[cache.get_seq_length() + j for cache, row in rows for j in range(len(row))]],
-                                 device=device)  # fmt: skip  # [1, T]
-        last = torch.tensor([stop - 1 for _, stop in spans], device=device)  # [R]
-        _context.rows = ([cache for cache, _ in rows], spans)
-        try:
-            with torch.inference_mode():
-                logits = fn(ids, positions, last)
-        finally:
-            _context.rows = None
+        assert self._fn is not None and sum(len(ids) for _, ids in rows) <= self.tokens
+        logits = _call(self._fn, self.lm.device, rows)
         self.steps += 1
         return logits
 
@@ -251,20 +236,14 @@ class CompiledSteps:
     def _measure(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
         """The most prompt tokens (of 8, 16, 32, ...) one row runs faster through the graph than eagerly, after a
         few tokens of context (best of two tries each); 0 if none."""
-        context, device = list(range(1, 17)), self.lm.device
+        context = list(range(1, 17))
 
         def compiled(ids: list[int]) -> float:
             cache = new_cache()
             self._eager(self.lm, cache, context)
-            _context.rows = ([cache], [(0, len(ids))])
-            try:
-                with torch.inference_mode():
-                    t0 = time.perf_counter()
-                    fn(torch.tensor([ids], device=device), torch.arange(16, 16 + len(ids), device=device)[None],
-                       torch.tensor([len(ids) - 1], device=device))  # fmt: skip
-                    return time.perf_counter() - t0
-            finally:
-                _context.rows = None
+            t0 = time.perf_counter()
+            _call(fn, self.lm.device, [(cache, ids)])
+            return time.perf_counter() - t0
 
         def eager(ids: list[int]) -> float:
             cache = new_cache()
@@ -294,6 +273,25 @@ class CompiledSteps:
             log_file.write_text(done.stderr)
             last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or [f"exit {done.returncode}"]
             raise CompileFailed(f"the compiler process failed ({last[0]}); its output is in {log_file}")
+
+
+def _call(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+          rows: Rows) -> torch.Tensor:  # fmt: skip
+    """The rows packed into one call of the graph, their caches in this thread's forward context: [R, V]."""
+    spans, end = [], 0
+    for _, ids in rows:
+        spans.append((end, end + len(ids)))
+        end += len(ids)
+    ids = torch.tensor([[i for _, row in rows for i in row]], device=device)  # [1, T]
+    positions = torch.tensor([[cache.get_seq_length() + j for cache, row in rows for j in range(len(row))]],
+                             device=device)  # fmt: skip  # [1, T]
+    last = torch.tensor([stop - 1 for _, stop in spans], device=device)  # [R]
+    _context.rows = ([cache for cache, _ in rows], spans)
+    try:
+        with torch.inference_mode():
+            return fn(ids, positions, last)
+    finally:
+        _context.rows = None
 
 
 _SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[Path, CompiledSteps]] = weakref.WeakKeyDictionary()
