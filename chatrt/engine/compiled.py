@@ -32,6 +32,7 @@ import transformers
 from transformers import DynamicCache, PreTrainedModel
 
 from chatrt.cache.kv import new_cache
+from chatrt.engine.packed import causal_mask
 from chatrt.errors import CompileFailed
 from chatrt.model import LoadedModel, quiet
 
@@ -70,8 +71,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale:
 
 def _attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [1, H, n, D], the row's n newest tokens; keys, values: [1, H_kv, L, D] (those n last): [1, H, n, D]."""
-    n, length = q.shape[2], keys.shape[-2]
-    mask = None if n == 1 else torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    mask = causal_mask(q.shape[2], keys.shape[-2], q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 

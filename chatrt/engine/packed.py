@@ -61,14 +61,17 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     outs = []
     for cache, (start, end) in zip(rows.caches, rows.spans, strict=True):
         layer = cache.layers[module.layer_idx]
-        n, length = end - start, layer.keys.shape[-2]
-        mask = None
-        if n > 1:  # [n, L]: query j is at position L - n + j
-            mask = torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
+        mask = causal_mask(end - start, layer.keys.shape[-2], query.device)
         out, _ = sdpa_attention_forward(module, query[:, :, start:end, :], layer.keys, layer.values, mask,
                                         scaling=scaling, dropout=dropout, is_causal=False)  # fmt: skip
         outs.append(out)  # [1, n, H, D]
     return torch.cat(outs, dim=1), None
+
+
+def causal_mask(n: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """[n, L]: a row's n newest tokens over its L cached ones, query j at position L - n + j seeing up to itself;
+    None for one token, which sees everything."""
+    return None if n == 1 else torch.ones(n, length, dtype=torch.bool, device=device).tril(length - n)
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
