@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -267,7 +268,11 @@ class CompiledSteps:
             with quiet():
                 self.lm.model.save_pretrained(tmp)  # the compiler process loads the very weights this one runs
             args = [tmp, str(self.lm.device), str(self.tokens), str(self.path)]
-            done = subprocess.run([sys.executable, "-m", "chatrt.engine.aot", *args], capture_output=True, text=True)
+            # The compiler's working files (a gigabyte or two for the bundled model) go with the folder; the
+            # package is the one thing kept.
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+            done = subprocess.run([sys.executable, "-m", "chatrt.engine.aot", *args], capture_output=True, text=True,
+                                  env=env)  # fmt: skip
         if done.returncode != 0:
             log_file = self.path.with_suffix(".log")
             log_file.write_text(done.stderr)
