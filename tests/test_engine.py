@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chatrt.bench import reuse as bench
-from chatrt.cache.kv import common_prefix_len
+from chatrt.cache.kv import KV, common_prefix_len
 from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine import Engine, Generation, Request, TextStream, forward, sample
 from chatrt.model import LoadedModel
@@ -167,7 +167,8 @@ def test_bf16_logits_with_reuse_are_as_close_to_fp32_as_bf16_itself(bundled_fold
 
 
 def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm, monkeypatch):
-    """210 turns in batches of 2 to 16, prompts partly cached and prefilled in chunks beside decoding rows.
+    """210 turns in batches of 2 to 16, prompts partly cached and prefilled in chunks beside decoding rows, half of
+    them on a prefix shared by reference (attended once per step for all its rows, merged by log-sum-exp).
     Batched rows run other matrix shapes, so their logits may differ from batch 1 by ~1e-5: a reply may
     diverge only where the top-2 gap of the unbatched logits at that step is below 1e-3."""
     accept = Generation.accept
@@ -183,11 +184,22 @@ def test_batched_greedy_replies_equal_unbatched_ones_except_at_near_ties(tiny_lm
     for _ in range(7):
         for batch in (2, 4, 8, 16):
             engine = Engine(tiny_lm, EngineConfig(max_batch=batch, prefill_chunk=64), thread=False)
+            common = [rng.randrange(200, 40000) for _ in range(rng.randrange(30, 200))]
+            shared = compute_kv(tiny_lm, tuple(common)).referencing()  # a prefix rows start from by reference
             gens = []
             for _ in range(batch):
-                prompt = [rng.randrange(200, 40000) for _ in range(rng.randrange(20, 300))]
-                split = rng.randrange(0, len(prompt) - 1)
-                kv = compute_kv(tiny_lm, tuple(prompt[:split])) if split else None
+                tail = [rng.randrange(200, 40000) for _ in range(rng.randrange(20, 300))]
+                if rng.random() < 0.5:  # on its own: partly cached, or not at all
+                    prompt = tail
+                    split = rng.randrange(0, len(prompt) - 1)
+                    kv = compute_kv(tiny_lm, tuple(prompt[:split])) if split else None
+                else:  # on the shared prefix, with tokens of its own cached after it, or none
+                    prompt = common + tail
+                    split = len(common) + rng.randrange(0, len(tail) - 1)
+                    kv = shared
+                    if split > len(common):
+                        _, cache = prefill(tiny_lm, shared, prompt[len(common) : split])
+                        kv = KV.from_cache(cache, tuple(prompt[:split]), shared.shared)
                 gens.append((prompt, Generation(tiny_lm, kv, prompt[split:], GenerationConfig(max_new_tokens=12))))
             requests = [engine.submit(gen) for _, gen in gens]
             while engine.scheduler.has_work():

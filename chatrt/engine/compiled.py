@@ -28,12 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache, PreTrainedModel
 
-from chatrt.cache.kv import new_cache
-from chatrt.engine.packed import causal_mask
+from chatrt.cache.kv import cache_layer, new_cache
+from chatrt.engine import segments
 from chatrt.errors import CompileFailed
 from chatrt.model import LoadedModel, quiet
 
@@ -56,24 +55,15 @@ _LIBRARY.define("attend(Tensor q, Tensor k, Tensor v, int layer, float scale) ->
 @torch.library.impl(_LIBRARY, "attend", "CompositeExplicitAutograd")
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     """q: [1, H, T, D]; k, v: [1, H_kv, T, D] for the T packed tokens of the step's rows. Each row's keys and
-    values are appended to its own cache and it attends over that cache (causally among its new tokens).
-    Returns [1, H, T, D], contiguous."""
+    values are appended to its own cache and it attends over that cache and the shared segments it references
+    (causally among its new tokens). Returns [1, H, T, D], contiguous."""
     caches, spans = _context.rows
     assert spans[-1][1] == q.shape[2], "the rows' tokens are the step's tokens"
-    if len(spans) == 1:  # one row: its output is the op's
-        keys, values = caches[0].update(k, v, layer)  # [1, H_kv, L, D]
-        return _attend_row(q, keys, values, scale).contiguous()
-    out = q.new_empty(q.shape)
+    layers = []
     for cache, (start, end) in zip(caches, spans, strict=True):
-        keys, values = cache.update(k[..., start:end, :], v[..., start:end, :], layer)
-        out[..., start:end, :] = _attend_row(q[..., start:end, :], keys, values, scale)
-    return out
-
-
-def _attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [1, H, n, D], the row's n newest tokens; keys, values: [1, H_kv, L, D] (those n last): [1, H, n, D]."""
-    mask = causal_mask(q.shape[2], keys.shape[-2], q.device)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        layers.append(cache_layer(cache, layer))
+        layers[-1].append(k[..., start:end, :], v[..., start:end, :])
+    return segments.attend(q, layers, spans, scale).contiguous()
 
 
 @torch.library.register_fake("chatrt::attend")

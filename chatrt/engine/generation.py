@@ -148,6 +148,8 @@ class Generation:
     """How many leading ids of `fed` the cache holds (the rest of the prompt is still to prefill)."""
     parked: KV | None = None
     """The cache while preempted: on the host, until `unpark`."""
+    shared: tuple[KV, ...] = ()
+    """The shared segments the cache starts from (read in place, never copied): the reply's KV references them."""
     _t0: float = 0.0
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
@@ -161,6 +163,7 @@ class Generation:
         self.fed = [*(source.ids if source is not None else ()), *self.new_ids]
         self.computed = len(self.fed) - len(self.new_ids)
         self.prompt_len = len(self.fed)
+        self.shared = source.shared if source is not None else ()
         self.cache = source.as_cache() if source is not None else new_cache()
         self._stream = TextStream(self.lm.tokenizer, self.params.stop)
         if self.params.seed is not None:
@@ -186,7 +189,7 @@ class Generation:
     def park(self) -> None:
         """Preempted: move the KV computed so far to the host, freeing its device memory until `unpark`."""
         if self.parked is None and self.cache is not None and self.cache.layers:
-            self.parked = KV.from_cache(self.cache, tuple(self.fed[: self.computed])).to("cpu")
+            self.parked = KV.from_cache(self.cache, tuple(self.fed[: self.computed]), self.shared).to("cpu")
             self.cache = new_cache()
 
     def unpark(self, device: torch.device) -> None:
@@ -251,9 +254,9 @@ class Generation:
         if (
             cache is not None
             and len(cache.layers) == self.lm.info.num_layers
-            and all(layer.keys.shape[-2] == len(self.fed) for layer in cache.layers)
+            and all(layer.get_seq_length() == len(self.fed) for layer in cache.layers)
         ):
-            self.kv = KV.from_cache(cache, tuple(self.fed))
+            self.kv = KV.from_cache(cache, tuple(self.fed), self.shared).compact()
         self.cache = None
         return rest
 

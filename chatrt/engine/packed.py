@@ -16,6 +16,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from chatrt.cache.kv import cache_layer
+from chatrt.engine.segments import attend
 from chatrt.model import LoadedModel
 
 ATTENTION = "chatrt"
@@ -40,7 +42,7 @@ class PackedCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         # key_states, value_states: [1, H_kv, T, D] for all T packed tokens
         for cache, (start, end) in zip(self.rows.caches, self.rows.spans, strict=True):
-            cache.update(key_states[..., start:end, :], value_states[..., start:end, :], layer_idx)
+            cache_layer(cache, layer_idx).append(key_states[..., start:end, :], value_states[..., start:end, :])
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -52,26 +54,14 @@ class PackedCache(DynamicCache):
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # type: ignore[no-untyped-def]
-    """query: [1, H, T, D] for the packed tokens. Each row attends over its own cache ([1, H_kv, L_i, D], its
-    new tokens already appended), causally: its j-th new token sees the cache up to itself."""
+    """query: [1, H, T, D] for the packed tokens. Each row attends over its own cache (its new tokens already
+    appended) and the shared segments it references, causally: its j-th new token sees the cache up to itself."""
     rows: Rows | None = kwargs.pop("chatrt_rows", None)
     if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)  # fmt: skip
-    outs = []
-    for cache, (start, end) in zip(rows.caches, rows.spans, strict=True):
-        layer = cache.layers[module.layer_idx]
-        mask = causal_mask(end - start, layer.keys.shape[-2], query.device)
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end, :], layer.keys, layer.values, mask,
-                                        scaling=scaling, dropout=dropout, is_causal=False)  # fmt: skip
-        outs.append(out)  # [1, n, H, D]
-    return torch.cat(outs, dim=1), None
-
-
-def causal_mask(n: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """[n, L]: a row's n newest tokens over its L cached ones, query j at position L - n + j seeing up to itself;
-    None for one token, which sees everything."""
-    return None if n == 1 else torch.ones(n, length, dtype=torch.bool, device=device).tril(length - n)
+    layers = [cache.layers[module.layer_idx] for cache in rows.caches]
+    return attend(query, layers, rows.spans, scaling).transpose(1, 2), None  # [1, T, H, D]
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
