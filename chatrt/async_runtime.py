@@ -59,6 +59,10 @@ class AsyncSession(_Closing):
     async def send(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         return await self.stream(text, **options).result()
 
+    async def fork(self, session_id: str | None = None) -> AsyncSession:
+        """`Session.fork`: a new session that goes on from this one as it is now, sharing its KV."""
+        return AsyncSession(await asyncio.to_thread(self.sync.fork, session_id))
+
     async def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
         return await self.stream_regenerate(**options).result()
 

@@ -84,7 +84,8 @@ OTHER_NAMES = {
 
 class PrefixConfig(_Section):
     enabled: bool = True
-    """Share the KV of system-prompt prefixes between sessions."""
+    """Share KV between sessions: system-prompt prefixes and fork points by reference, and a turn may start
+    from another idle session's cache of the same scope (off: each session computes its own)."""
     max_entries: int = Field(64, ge=1)
     max_bytes: ByteSize = ByteSize(512 * 2**20)
     """Unreferenced prefixes are evicted, least recently used first, above either limit."""

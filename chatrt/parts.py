@@ -6,14 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from chatrt.cache.prefix import PrefixStore
+from chatrt.cache.index import PrefixIndex
+from chatrt.cache.prefix import PrefixEntry, PrefixStore
 from chatrt.cache.spill import PrefixSpill
 from chatrt.cache.tiers import Tiers
 from chatrt.config import Config
 from chatrt.engine import Engine
 from chatrt.model import ModelInfo
 from chatrt.stats import Recorder
-from chatrt.template import ChatTemplate
+from chatrt.template import ChatTemplate, Message
 
 if TYPE_CHECKING:
     from chatrt.cache.journal import Journal
@@ -33,6 +34,11 @@ class Parts:
     prefixes: PrefixStore
     spill: PrefixSpill
     journal: Journal | None  # None without Redis
+    index: PrefixIndex
+    """Which idle sessions' caches begin like a prompt (for a turn to start from another session's)."""
     recorder: Recorder
     forget: Callable[[Session, bool], None]
     """The runtime lets go of a session that ended (closed: True, or only left this process: False)."""
+    fork: Callable[[Session, list[Message], PrefixEntry | None, str | None], Session]
+    """The runtime opens a fork of a session: (parent, its messages, the shared prefix the fork starts from,
+    acquired for it, or None; the new session's id or None)."""

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from chatrt.cache.journal import Journal
     from chatrt.cache.store import RedisStore
 
-from chatrt.cache.prefix import PrefixStore
+from chatrt.cache.index import PrefixIndex
+from chatrt.cache.prefix import PrefixEntry, PrefixStore
 from chatrt.cache.spill import PrefixSpill
 from chatrt.cache.tiers import Tiers
 from chatrt.config import Config
@@ -105,7 +106,7 @@ class ChatRuntime:
         self.recorder = Recorder(on_turn=self._turn_done)
         self._parts = Parts(
             self.config, lm.info, self.template, self.engine, self.tiers, self.prefixes, self.spill, self.journal,
-            self.recorder, forget=self._forget,
+            PrefixIndex(), self.recorder, forget=self._forget, fork=self._fork,
         )  # fmt: skip
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         """This process's name in the stats it publishes to Redis."""
@@ -138,22 +139,38 @@ class ChatRuntime:
         *,
         session_id: str | None = None,
         messages: Sequence[Message | dict[str, str]] = (),
+        cache_scope: str = "",
     ) -> Session:
         """A new conversation. Without a system prompt the model's template default (if any) applies.
         With Redis, the id of a closed session may be used again; that of a stored one may not.
 
         `messages` seeds it with a history the caller kept (whole turns: user, assistant, ...; as Message or
-        {"role", "content"} dicts): its KV is computed by the first turn, which then reuses it."""
-        session_id = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        {"role", "content"} dicts): its KV is computed by the first turn, which then reuses it.
+
+        A turn starts from the longest cached start of its prompt: this session's cache, its system prompt's, or
+        another idle session's of the same `cache_scope` (a server gives each tenant and user its own scope)."""
         if system_prompt is not None:
             check_text(system_prompt, "the system prompt")
         history = check_turns([_message(m) for m in messages])
-        with self._lock:
-            if session_id in self._sessions:
-                raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
-            self._check_room()
-            session = Session(self._parts, session_id, system_prompt, messages=history, turns=len(history) // 2)
-            self._sessions[session_id] = session  # the id is taken here before Redis is asked (outside the lock)
+        return self._open(session_id, system_prompt, history, len(history) // 2, cache_scope)
+
+    def _open(self, session_id: str | None, system_prompt: str | None, history: list[Message], turns: int,
+              cache_scope: str, prefix: PrefixEntry | None = None) -> Session:  # fmt: skip
+        """Open and register a session. `prefix` (acquired for it) is the session's from here: released with it,
+        or here when it cannot be opened."""
+        try:
+            session_id = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+            with self._lock:
+                if session_id in self._sessions:
+                    raise InvalidMessage(f"session {session_id} is already open; use rt.session(id) to attach to it")
+                self._check_room()
+                session = Session(self._parts, session_id, system_prompt, messages=history, turns=turns,
+                                  cache_scope=cache_scope, prefix=prefix)  # fmt: skip
+                self._sessions[session_id] = session  # the id is taken before Redis is asked (outside the lock)
+        except ChatrtError:
+            if prefix is not None:  # released outside the lock: it may write an evicted prefix to Redis
+                self.prefixes.release(prefix)
+            raise
         if self.journal is not None:
             try:
                 self.journal.create(session.record())
@@ -161,6 +178,15 @@ class ChatRuntime:
                 session.discard()
                 self._forget(session, closed=False)
                 raise
+        return session
+
+    def _fork(self, parent: Session, history: list[Message], point: PrefixEntry | None, session_id: str | None) -> (
+        Session
+    ):  # fmt: skip
+        """A session of `parent`'s system prompt and `history` that starts from `point` (its KV, shared)."""
+        session = self._open(session_id, parent.system_prompt, history, parent.turns, parent.cache_scope, point)
+        if point is not None and point.kv is not None:
+            self.tiers.checkin(session.id, point.kv.referencing())  # its cache: the point, by reference
         return session
 
     def session(self, session_id: str) -> Session:
@@ -187,7 +213,7 @@ class ChatRuntime:
                 journal.leave(session_id)
                 raise
             session = Session(self._parts, session_id, record.system_prompt, messages=record.messages,
-                              turns=record.turns)  # fmt: skip
+                              turns=record.turns, cache_scope=record.cache_scope)  # fmt: skip
             self._sessions[session_id] = session
         if self.tiers.adopt(record):  # its KV cannot be used: the transcript is all that is kept
             journal.drop_kv(session_id)
@@ -310,12 +336,12 @@ def check_session_id(session_id: object) -> str:
 
 
 def _storage_bytes(kvs) -> int:  # type: ignore[no-untyped-def]
-    """Bytes of the distinct storages behind these caches (a shared tensor counted once)."""
+    """Bytes of the distinct storages behind these caches (a shared tensor, a shared prefix's, counted once)."""
     seen: dict[int, int] = {}
     for kv in kvs:
         if kv is None:
             continue
-        for t in (*kv.keys, *kv.values):
+        for t in (*kv.keys, *kv.values, *(t for s in kv.shared for t in (*s.keys, *s.values))):
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 
 from typing_extensions import Unpack
 
-from chatrt.cache.kv import KV, KVMeta
+from chatrt.cache.kv import KV, KVMeta, common_prefix_len
 from chatrt.cache.prefix import PrefixEntry
 from chatrt.cache.record import SessionRecord
+from chatrt.cache.reuse import shared_prefix
 from chatrt.config import TurnOptions
 from chatrt.errors import CloseIncomplete, SessionClosed, SessionConflict
 from chatrt.hold import Hold
@@ -37,20 +38,26 @@ class Session:
         *,
         messages: list[Message] | None = None,
         turns: int = 0,
+        cache_scope: str = "",
+        prefix: PrefixEntry | None = None,
     ) -> None:
+        """`prefix`: the shared prefix this session starts from, acquired for it (a fork point); by default its
+        system prompt's, acquired here."""
         self.parts = parts
         self.id = session_id
         self.system_prompt = system_prompt
         self.messages: list[Message] = messages or []  # user/assistant turns; the system prompt is kept apart
         self.turns = turns
+        self.cache_scope = cache_scope
+        """Whose cached prefixes this session's turns may start from: idle sessions of the same scope."""
         self.last_turn: TurnStats | None = None
         self.totals = TokenTotals()
         self.closed = False
         self.used_at = time.monotonic()
         """When a turn last began or ended (time.monotonic()): what idle expiry goes by."""
         self._hold = Hold(session_id, wait=lambda: parts.config.session.on_busy == "wait")
-        self._prefix: PrefixEntry | None = None
-        if parts.config.prefix.enabled:
+        self._prefix = prefix
+        if prefix is None and parts.config.prefix.enabled:
             self._prefix = parts.prefixes.acquire(parts.template.prefix_ids(system_prompt))
 
     # -- public API -------------------------------------------------------------------------------
@@ -87,6 +94,7 @@ class Session:
             messages=self.messages,
             turns=self.turns,
             fingerprint=self.parts.info.fingerprint,
+            cache_scope=self.cache_scope,
             kv=kv or self.parts.tiers.kv_meta(self.id),
         )
 
@@ -113,6 +121,16 @@ class Session:
 
     def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> Turn:
         return self._turn(edit_plan(self.messages, text), options)
+
+    def fork(self, session_id: str | None = None) -> Session:
+        """A new session that goes on from this conversation as it is now: its transcript, and its KV shared by
+        reference (neither session copies it; it is kept once, as a shared prefix both start from). The two go
+        on independently. Waits for a turn of this session that is running to finish."""
+        with self._hold.lock:
+            self._check_open()
+            point = self._share()
+            messages = list(self.messages)
+        return self.parts.fork(self, messages, point, session_id)  # the fork's own reference to the point goes along
 
     def stats(self) -> SessionStats:
         kv = self.kv
@@ -185,6 +203,34 @@ class Session:
     def prefix(self) -> PrefixEntry | None:
         """The shared prefix (the system prompt's KV) this session holds a reference to."""
         return self._prefix
+
+    def link(self, ids: tuple[int, ...]) -> tuple[KV, ...] | None:
+        """The shared segments that hold exactly these leading ids (those of the prefix this session references,
+        loaded or computed when not in memory): what its KV stored without them is joined to again."""
+        entry, p = self._prefix, self.parts
+        if entry is None or entry.ids != ids:  # stored on another prefix (a fork point): that one is referenced now
+            if not p.config.prefix.enabled:
+                return None
+            entry = p.prefixes.acquire(ids)
+            if self._prefix is not None:
+                p.prefixes.release(self._prefix)
+            self._prefix = entry
+        return shared_prefix(entry, p.prefixes, p.spill, p.engine.compute_kv)[0].segments()
+
+    def borrow(self, prompt: list[int], least: int) -> KV | None:
+        """The cache of another idle session of this one's scope that begins like `prompt` for more than `least`
+        tokens, cropped to where they part (views; its own tensors are copied by the turn that grows from it)."""
+        p = self.parts
+        if not p.config.prefix.enabled:
+            return None
+        owners, blocks = p.index.find(self.cache_scope, prompt, skip=self.id)
+        best, longest = None, least
+        for owner in owners if blocks > least else ():
+            kv = p.tiers.peek(owner)  # None when it moved to Redis, or a turn has it now
+            n = common_prefix_len(kv.ids, prompt) if kv is not None else 0
+            if n > longest:
+                best, longest = kv, n
+        return best.crop(longest).to(p.engine.lm.device) if best is not None else None
 
     @property
     def busy(self) -> bool:
@@ -270,10 +316,29 @@ class Session:
                 self.parts.tiers.drop(self.id)
                 self.parts.tiers.adopt(record)
 
+    def _share(self) -> PrefixEntry | None:
+        """This session's KV as a shared prefix (no copy): this session references it from now on, and the
+        returned entry is acquired once more, for a fork. None when its KV is not in memory (the fork's first
+        turn then computes it, as a resumed session's does). Caller holds self._lock."""
+        p = self.parts
+        kv = p.tiers.peek(self.id)
+        if kv is None or not len(kv) or not p.config.prefix.enabled:
+            return None
+        parent = self._prefix if kv.shared else None  # whose tensors kv references
+        point = p.prefixes.adopt(kv.to(p.engine.lm.device), parent)
+        p.prefixes.acquire(point.ids)  # the fork's reference
+        if self._prefix is not None:
+            p.prefixes.release(self._prefix)
+        self._prefix = point
+        assert point.kv is not None
+        p.tiers.rebase(self.id, point.kv.referencing())
+        return point
+
     def _release(self) -> None:
         """Drop the KV on every tier of this process and the prefix hold. Caller holds self._lock."""
         self.closed = True
         self.parts.tiers.drop(self.id)
+        self.parts.index.remove(self.id)
         if self._prefix is not None:
             self.parts.prefixes.release(self._prefix)
             self._prefix = None

@@ -206,9 +206,10 @@ class Turn:
             started = time.perf_counter()
             history, user = self.plan(list(session.messages))
             history, prompt, dropped = fit(session, history, user, self.params)
-            taken = p.tiers.checkout(session.id)  # pinned until checked in
+            taken = p.tiers.checkout(session.id, session.link)  # pinned until checked in
             try:
-                start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.spill, p.engine.compute_kv)
+                start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.spill, p.engine.compute_kv,
+                              session.borrow)  # fmt: skip
                 gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], self.params, started=started)
                 request = p.engine.submit(gen)  # the engine loop runs it, batched with other turns
             except BaseException:
@@ -258,6 +259,10 @@ class Turn:
         finally:
             keep = p.config.session.reuse and not session.closed
             p.tiers.checkin(session.id, gen.kv if keep else None)
+            if keep and gen.kv is not None:  # other sessions of its scope may start from it while it is idle
+                p.index.add(session.id, session.cache_scope, gen.kv.ids)
+            else:
+                p.index.remove(session.id)
             self.transcript = list(session.messages)
             running.hold.close()
         if failed is not None:

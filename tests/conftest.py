@@ -167,8 +167,9 @@ def threaded(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
 
 
 def live_keys(client: redis.Redis) -> list[bytes]:
-    """chatrt's keys in Redis but the tombstones of closed sessions (a few bytes each, expiring with the TTL)."""
-    return sorted(k for k in client.keys("chatrt:*") if not k.endswith(b":closed"))
+    """chatrt's keys in Redis but the tombstones of closed sessions (a few bytes each) and shared prefixes (kept
+    once for every process, not any session's), both expiring with the TTL."""
+    return sorted(k for k in client.keys("chatrt:*") if not k.endswith(b":closed") and b":prefix:" not in k)
 
 
 @pytest.fixture(scope="session")

@@ -252,8 +252,10 @@ def forge(client, session_id: str, sealer=None, *, tensors=None, meta=None, mess
     if tensors is not None:
         loaded = st_load(blob)
         keys, values = ([loaded[f"{kind}{i}"] for i in range(kv_meta.num_layers)] for kind in "kv")
-        kv_meta, chunks = to_chunks(tensors(KV(kv_meta.ids, tuple(keys), tuple(values))), kv_meta.fingerprint,
-                                    1 << 20, sealer)  # fmt: skip
+        own = KV(kv_meta.ids[kv_meta.shared_tokens :], tuple(keys), tuple(values))  # the system prompt's is apart
+        stored, chunks = to_chunks(tensors(own), kv_meta.fingerprint, 1 << 20, sealer)
+        kv_meta = stored.model_copy(update={"ids": kv_meta.ids, "shared_tokens": kv_meta.shared_tokens})
+        meta = meta or {}
         blob = b"".join(chunks)
         client.delete(*client.keys(f"chatrt:{{{session_id}}}:kv:*"))
         client.set(f"chatrt:{{{session_id}}}:kv:0", blob)
@@ -316,7 +318,7 @@ def test_a_forged_record_costs_a_recompute_never_a_crash(tiny_lm, redis_url, red
 def test_cache_ids_altered_without_the_digest_are_refused(tiny_lm, redis_url, redis_client):
     stored_session(tiny_lm, redis_url)
     record = json.loads(redis_client.get("chatrt:{forged}:meta"))
-    record["kv"]["ids"][3] += 1  # the digest covers the ids
+    record["kv"]["ids"][-3] += 1  # the digest covers the ids (these, past the shared system prompt, too)
     record["sig"] = Sealer().digest(SessionRecord.model_validate(record).model_dump_json(exclude={"sig"}).encode())
     redis_client.set("chatrt:{forged}:meta", json.dumps(record))
     with tiered(tiny_lm, redis_url) as rt:

@@ -134,6 +134,31 @@ def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, c
         assert error["code"] == "context_length_exceeded"
 
 
+def test_a_fork_goes_on_from_its_parent_and_prefills_only_its_new_message(server, client, tiny_lm):
+    """POST /v1/sessions/{id}/fork: the new session answers as the Python API's fork does."""
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        s = rt.open_session("Be brief.")
+        s.send(QUESTIONS[0])
+        want = s.fork().send(QUESTIONS[1])
+    parent = httpx.post(f"{server}/sessions", json={"system_prompt": "Be brief."}).json()["session_id"]
+    client.chat.completions.create(model=model_id(client), messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                   extra_headers={"X-Session-Id": parent})  # fmt: skip
+    fork = httpx.post(f"{server}/sessions/{parent}/fork")
+    assert fork.status_code == 200, fork.text
+    child = fork.json()
+    assert child["forked_from"] == parent and child["turns"] == 1 and child["session_id"] != parent
+    reply = client.chat.completions.create(model=model_id(client), messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                           extra_headers={"X-Session-Id": child["session_id"]})  # fmt: skip
+    assert reply.choices[0].message.content == want.text
+    assert reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens == want.stats.prefilled_tokens
+    assert want.stats.prefilled_tokens < 20  # its new message and the markup around it
+    named = httpx.post(f"{server}/sessions/{parent}/fork", json={"session_id": "branch-b"}).json()
+    assert named["session_id"] == "branch-b"
+    assert httpx.post(f"{server}/sessions/nope/fork").status_code == 404
+    for sid in (parent, child["session_id"], "branch-b"):
+        assert httpx.delete(f"{server}/sessions/{sid}").status_code == 200
+
+
 def test_a_client_that_disconnects_mid_stream_leaves_a_consistent_session(server, client):
     session_id = httpx.post(f"{server}/sessions", json={}).json()["session_id"]
     body = {"model": model_id(client), "messages": [{"role": "user", "content": "Tell me a long story"}],
@@ -222,6 +247,25 @@ def test_the_bundled_model_served_answers_as_the_python_api_does(bundled_runtime
                 want.stats.reused_session_tokens + (want.stats.reused_prefix_tokens if n else 0)
             )
             messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+
+
+def test_a_stateless_edit_or_regenerate_of_an_earlier_turn_reuses_the_conversation_up_to_it():
+    """The issue's measure on the bundled model: a stateless client's edit of turn 2 of 4 gets at least as many
+    cached tokens as turn 2 itself had (the conversation before it, from the session that holds all four)."""
+    questions = ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Portugal?"]
+    with serve("bundled", max_new_tokens=16) as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        model = c.models.list().data[0].id
+        messages, cached = [{"role": "system", "content": "You are a geography teacher."}], []
+        for question in questions:
+            messages.append({"role": "user", "content": question})
+            reply = c.chat.completions.create(model=model, messages=messages)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        turn_2 = messages[:3]  # the system prompt and turn 1
+        for last in ("And of Germany?", questions[1]):  # an edit of turn 2, then a regenerate of it
+            again = c.chat.completions.create(model=model, messages=[*turn_2, {"role": "user", "content": last}])
+            assert again.usage.prompt_tokens_details.cached_tokens >= cached[1], (last, cached)
 
 
 def test_a_stop_string_before_any_text_ends_the_reply_empty_streamed_and_not(server, client, tiny_lm):

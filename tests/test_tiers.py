@@ -142,7 +142,11 @@ def test_closing_frees_every_tier_and_every_key(tiny_lm, redis_url, redis_client
         assert all(u.bytes == 0 and u.sessions == 0 for u in stats.tiers.values())
         assert stats.kv_bytes == 0 and stats.sessions_open == 0 and stats.sessions_closed == 200
         assert [ref() for ref in alive] == [None] * len(alive)
-        assert live_keys(redis_client) == [f"chatrt:runtime:{rt.instance}".encode()]  # only its own stats
+        # Only its own stats, and the system prompt's KV, which the session on the Redis tier was stored without:
+        # kept once for every process (not any session's), it expires with the TTL.
+        shared = redis_client.keys("chatrt:prefix:*")
+        assert len(shared) == 2 and all(0 < redis_client.ttl(k) <= 86400 for k in shared)
+        assert live_keys(redis_client) == [f"chatrt:runtime:{rt.instance}".encode()]
         assert len(redis_client.keys("chatrt:*:closed")) == 200  # a tombstone per closed session
     assert live_keys(redis_client) == []
 

@@ -28,6 +28,8 @@ class PrefixEntry:
     ids: tuple[int, ...]
     kv: KV | None = None
     refs: int = 0
+    parent: PrefixEntry | None = None
+    """The entry whose tensors this one's KV references (a fork point's system prompt): held while this one is."""
     lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per entry, waited for with a bound
 
 
@@ -69,6 +71,21 @@ class PrefixStore:
             entry.refs += 1
             self._touch(entry)
             return entry
+
+    def adopt(self, kv: KV, parent: PrefixEntry | None) -> PrefixEntry:
+        """An entry for a KV computed elsewhere (a conversation forked at this point), pinned until released.
+        `parent`: the entry whose tensors `kv` references, held as long as this one is kept. When an entry of
+        these ids is computed already, that one is returned and `kv` is not kept."""
+        entry = self.acquire(kv.ids)
+        with self._lock:
+            if entry.kv is None:
+                entry.kv = kv
+                if parent is not None:
+                    parent.refs += 1
+                    entry.parent = parent
+            evicted = self._evict()
+        self._spill(evicted)
+        return entry
 
     def release(self, entry: PrefixEntry) -> None:
         with self._lock:
@@ -149,6 +166,8 @@ class PrefixStore:
             entry = self._entries[key]
             if entry.refs == 0 and (entry.kv is None or over()):
                 del self._entries[key]
+                if entry.parent is not None:  # the parent may go once no entry references it (next pass)
+                    entry.parent.refs -= 1
                 if entry.kv is not None:
                     self.counters.evictions += 1
                     evicted.append((key, entry.kv))

@@ -21,6 +21,8 @@ class SessionRecord(BaseModel):
     turns: int
     fingerprint: str
     """Of the model that wrote the transcript; another model must re-tokenize the replies."""
+    cache_scope: str = ""
+    """Whose cached prefixes the session may start from (`ChatRuntime.open_session`)."""
     kv: KVMeta | None = None
     rev: str = ""
     """New with every write of the transcript. A write names the revs it may replace, so a process whose lease

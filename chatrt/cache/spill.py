@@ -21,7 +21,7 @@ class PrefixSpill:
         if self.store is None:
             return
         try:
-            self.store.put_prefix(key, *self.tiers.chunks(kv))
+            self.store.put_prefix(key, *self.tiers.chunks(kv.flat()))
             self.tiers.count(prefix_spills=1)
         except StoreUnavailable:
             self.tiers.count(redis_errors=1)
@@ -35,6 +35,7 @@ class PrefixSpill:
             if (
                 meta is None
                 or meta.ids != ids
+                or meta.shared_tokens
                 or self.tiers.cost.choose("redis", meta.nbytes, len(ids)).action == "recompute"
             ):
                 return None

@@ -21,6 +21,7 @@ from chatrt.cache.cost import Choice
 from chatrt.cache.integrity import Sealer
 from chatrt.cache.kv import KV, KVMeta, KVSpec, check_meta, from_chunks, to_chunks
 from chatrt.cache.ladder import TIERS, Budget, Eviction, Ladder, Slot, Tier
+from chatrt.cache.prefix import prefix_hash
 from chatrt.cache.probes import cost_model
 from chatrt.cache.record import SessionRecord
 from chatrt.config import TierConfig
@@ -32,6 +33,8 @@ if TYPE_CHECKING:  # the Redis client is an optional install
     from chatrt.cache.store import RedisStore
 
 Source = Literal["device", "host", "redis", "none"]
+Link = Callable[[tuple[int, ...]], "tuple[KV, ...] | None"]
+"""The shared segments that hold these leading ids, when they are in memory (None: they are not)."""
 _PROBE_TOKENS = 128
 _PROBE_BYTES = 8 * 2**20
 
@@ -75,6 +78,7 @@ class Tiers:
         self._ladder = self._new_ladder()
         self._lock = threading.Condition(threading.RLock())  # notified when a moving cache lands
         self._settling = False  # a thread is moving caches down (`settle`)
+        self._kept: dict[str, float] = {}  # shared prefixes stored in Redis → when to store them again
 
     def _new_ladder(self) -> Ladder:
         c = self.config
@@ -88,9 +92,11 @@ class Tiers:
 
     # -- a session's turn --------------------------------------------------------------------------
 
-    def checkout(self, session_id: str) -> Checkout:
+    def checkout(self, session_id: str, link: Link = lambda ids: None) -> Checkout:
         """Take the session's KV out of the ladder and bring it to the device, or leave it to be recomputed
-        when that is cheaper. It stays pinned (counted on the device, never moved) until `checkin`."""
+        when that is cheaper. It stays pinned (counted on the device, never moved) until `checkin`. A KV stored
+        in Redis without its shared segments is joined to them again by `link(ids)` (the segments that hold
+        those leading ids, when in memory; else its own tensors are of no use and it is recomputed)."""
         with self._lock:
             self._lock.wait_for(lambda: session_id not in self._ladder.moving)
             tier, slot = self._ladder.take(session_id)
@@ -98,13 +104,21 @@ class Tiers:
             return Checkout(None, "none")
         if tier == "device":
             return Checkout(slot.kv, "device")
-        return self._promote(session_id, tier, slot)
+        return self._promote(session_id, tier, slot, link)
 
     def checkin(self, session_id: str, kv: KV | None) -> None:
         """The turn is over: its KV is the session's most recently used cache on the device. Nothing moves yet:
         the turn lets its session go first, then calls `settle`."""
         with self._lock:
             self._ladder.unpin(session_id, Slot(kv, None, kv.nbytes) if kv is not None else None)
+
+    def rebase(self, session_id: str, kv: KV) -> None:
+        """An idle session's cache in memory is `kv` from now on (the same ids, held another way: referencing a
+        shared prefix instead of owning its tensors). A no-op when its cache has moved or changed meanwhile."""
+        with self._lock:
+            tier, slot = self._ladder.find(session_id)
+            if slot is not None and slot.kv is not None and slot.kv.ids == kv.ids:
+                self._ladder.lru[tier][session_id] = Slot(kv, None, kv.nbytes)
 
     def adopt(self, record: SessionRecord) -> str:
         """A session resumed from Redis: its KV (if the record names one) is on the Redis tier.
@@ -197,11 +211,11 @@ class Tiers:
 
     # -- moves -------------------------------------------------------------------------------------
 
-    def _promote(self, session_id: str, tier: Tier, slot: Slot) -> Checkout:
+    def _promote(self, session_id: str, tier: Tier, slot: Slot, link: Link) -> Checkout:
         choice = self._choose(tier, slot)
         t0 = time.perf_counter()
         try:
-            kv = None if choice is not None and choice.action == "recompute" else self._load(session_id, slot)
+            kv = None if choice is not None and choice.action == "recompute" else self._load(session_id, slot, link)
         except (CacheRejected, StoreUnavailable) as e:
             kv, rejected = None, str(e)
             self.count(rejected=isinstance(e, CacheRejected), redis_errors=isinstance(e, StoreUnavailable))
@@ -225,7 +239,7 @@ class Tiers:
         """None when there is nothing to weigh (host memory is device memory on a CPU-only machine)."""
         if tier == "host" and self.lm.device.type == "cpu":
             return None
-        tokens = len(slot.meta.ids) if slot.meta is not None else len(slot.kv or ())
+        tokens = len(slot.meta.ids) - slot.meta.shared_tokens if slot.meta is not None else len(slot.kv or ())
         try:
             return self.cost.choose(tier, slot.nbytes, tokens)
         except (StoreUnavailable, CacheRejected):  # a probe failed (Redis went away): recompute
@@ -237,13 +251,16 @@ class Tiers:
             for name, delta in deltas.items():
                 setattr(self.counters, name, getattr(self.counters, name) + delta)
 
-    def _load(self, session_id: str, slot: Slot) -> KV:
+    def _load(self, session_id: str, slot: Slot, link: Link) -> KV:
         if slot.kv is not None:
             return slot.kv.to(self.lm.device)
-        assert self.store is not None and slot.meta is not None
-        return from_chunks(
-            slot.meta, self.store.session_chunks(session_id, slot.meta), self.spec, self.sealer, self.lm.device
-        )
+        meta = slot.meta
+        assert self.store is not None and meta is not None
+        shared = link(meta.ids[: meta.shared_tokens]) if meta.shared_tokens else ()
+        if shared is None:
+            raise CacheRejected("the shared prefix it was stored without is not in memory here")
+        own = from_chunks(meta, self.store.session_chunks(session_id, meta), self.spec, self.sealer, self.lm.device)
+        return KV.linked(shared, own)
 
     def _after_promotion(self, session_id: str, tier: Tier) -> None:
         """The session's copy on `tier` is gone: a Redis copy's chunks are deleted and its record says so."""
@@ -320,8 +337,34 @@ class Tiers:
         return pushed
 
     def chunks(self, kv: KV) -> tuple[KVMeta, list[memoryview]]:
-        """The KV as Redis stores it: metadata and sealed chunks (serializes and hashes: call outside locks)."""
+        """The KV as Redis stores it: metadata and sealed chunks of its own tensors; its shared segments are
+        stored once, apart, by the hash of their ids (as evicted prefixes are), for any process to join it to
+        again. Serializes, hashes and may write a prefix to Redis: call outside locks."""
+        if kv.shared:
+            self._keep_shared(kv)
         return to_chunks(kv, self.fingerprint, self.config.redis_chunk_bytes, self.sealer)
+
+    def _keep_shared(self, kv: KV) -> None:
+        """Store the KV's shared segments in Redis as one prefix, unless this process stored it lately."""
+        if self.store is None:
+            return
+        ids = kv.ids[: kv.shared_len]
+        key, now = prefix_hash(self.fingerprint, ids), time.monotonic()
+        with self._lock:
+            if self._kept.get(key, 0.0) > now:
+                return
+            self._kept[key] = now + self.config.redis_ttl_s / 2  # rewritten before its keys expire
+        try:
+            meta = self.store.get_prefix(key)
+            if meta is None or meta.ids != ids:
+                flat = KV(ids, (), (), kv.shared).flat()
+                self.store.put_prefix(key, *to_chunks(flat, self.fingerprint, self.config.redis_chunk_bytes,
+                                                      self.sealer))  # fmt: skip
+                self.count(prefix_spills=1)
+        except StoreUnavailable:
+            with self._lock:
+                self._kept.pop(key, None)
+            self.count(redis_errors=1)
 
     def _log(self, session_id: str, src: Source, dst: Literal["device", "host", "redis", "dropped"]) -> None:
         self.moves.append(Move(session_id, src, dst))

@@ -63,7 +63,7 @@ class Request:
 
     @property
     def tokens(self) -> int:
-        return len(self.gen.fed)
+        return len(self.gen.fed) - sum(len(s) for s in self.gen.shared)  # shared segments are kept once, apart
 
     def put(self, item: str | BaseException | None) -> None:
         """(engine) A piece, an error, or the end."""

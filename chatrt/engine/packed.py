@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from chatrt.cache.kv import cache_layer
-from chatrt.engine.segments import attend
+from chatrt.engine import segments
 from chatrt.model import LoadedModel
 
 ATTENTION = "chatrt"
@@ -61,7 +61,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)  # fmt: skip
     layers = [cache.layers[module.layer_idx] for cache in rows.caches]
-    return attend(query, layers, rows.spans, scaling).transpose(1, 2), None  # [1, T, H, D]
+    return segments.attend(query, layers, rows.spans, scaling).transpose(1, 2), None  # [1, T, H, D]
 
 
 AttentionInterface.register(ATTENTION, packed_attention)

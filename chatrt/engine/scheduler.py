@@ -24,7 +24,8 @@ class Schedulable(Protocol):
 
     @property
     def tokens(self) -> int:
-        """Tokens its KV holds once its prompt is in (prefix and prompt, and the reply so far)."""
+        """Tokens its own KV holds once its prompt is in (prompt and the reply so far, less what it references of
+        shared segments, which are kept once for all)."""
 
 
 R = TypeVar("R", bound=Schedulable)

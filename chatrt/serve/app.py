@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -207,7 +207,7 @@ class Server:
             return session, messages[-1].content, None
         system = messages[0].content if messages[0].role == "system" else None
         history = messages[1:-1] if system is not None else messages[:-1]
-        scope = json.dumps([tenant.name, req.user, req.cache_salt])
+        scope = cache_scope(tenant, req.user, req.cache_salt)
         claimed = self.conversations.claim(scope, system, history)
         if claimed is not None:
             with contextlib.suppress(SessionNotFound, SessionClosed):
@@ -217,18 +217,28 @@ class Server:
                 ):
                     return session, messages[-1].content, scope
                 self.give_back(scope, session, session.messages)  # used by id meanwhile: another conversation
-        return self.open(tenant, system, messages=history), messages[-1].content, scope
+        return self.open(tenant, system, messages=history, scope=scope), messages[-1].content, scope
 
     def open(self, tenant: Tenant, system_prompt: str | None, *, session_id: str | None = None,
-             messages: Sequence[Message] = ()) -> Session:  # fmt: skip
+             messages: Sequence[Message] = (), scope: str | None = None) -> Session:  # fmt: skip
         """A new session of `tenant`'s. At a limit (the tenant's share, or the runtime's session.max_sessions)
         the least recently used idle stateless session makes room first; only when there is none is the request
         refused, saying which limit. Blocks."""
+        scope = cache_scope(tenant, None, None) if scope is None else scope
+        return self.within_share(tenant, session_id, lambda internal: self.rt.open_session(
+            system_prompt, session_id=internal, messages=messages, cache_scope=scope))  # fmt: skip
+
+    def fork(self, tenant: Tenant, parent: Session, session_id: str | None) -> Session:
+        """A fork of `parent` for `tenant`, within its share as `open`. Blocks."""
+        return self.within_share(tenant, session_id, parent.fork)
+
+    def within_share(self, tenant: Tenant, session_id: str | None, make: Callable[[str | None], Session]) -> Session:
+        """`make(internal id)`: a new session of `tenant`'s (see `open`)."""
         internal = tenant.internal(check_session_id(session_id)) if session_id else None
         while True:
             if sum(tenant.owns(s.id) for s in self.rt.sessions()) < self.tenants.max_sessions:
                 try:
-                    return self.rt.open_session(system_prompt, session_id=internal, messages=messages)
+                    return make(internal)
                 except TooManySessions:  # the runtime's limit: any tenant's idle stateless session makes room
                     room = self.conversations.reclaim(lambda _: True)
                     if room is None:
@@ -353,6 +363,12 @@ def usage(turn: TurnStats) -> wire.Usage:
     )
 
 
+def cache_scope(tenant: Tenant, user: str | None, cache_salt: str | None) -> str:
+    """Whose conversations a request's may be matched to, and whose cached prefixes its session may start from:
+    the tenant's, narrowed by the request's `user` or `cache_salt`."""
+    return json.dumps([tenant.name, user, cache_salt])
+
+
 def _message(m: wire.WireMessage) -> Message:
     try:
         text = m.text()
@@ -457,6 +473,16 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         session = await asyncio.to_thread(server.open, tenant, req.system_prompt, session_id=req.session_id,
                                           messages=[_message(m) for m in req.messages])  # fmt: skip
         return {"session_id": tenant.external(session.id), "object": "session", "turns": session.turns}
+
+    @app.post("/v1/sessions/{session_id}/fork")
+    async def fork_session(session_id: str, request: Request) -> dict[str, Any]:
+        tenant = server.authorize(request)
+        bodied = int(request.headers.get("content-length") or 0) or "transfer-encoding" in request.headers
+        req = await server.parse(request, wire.ForkRequest) if bodied else wire.ForkRequest()
+        parent = await art.session(tenant.internal(check_session_id(session_id)))
+        child = await asyncio.to_thread(server.fork, tenant, parent.sync, req.session_id)
+        return {"session_id": tenant.external(child.id), "object": "session", "turns": child.turns,
+                "forked_from": session_id}  # fmt: skip
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str, request: Request) -> dict[str, Any]:

@@ -94,6 +94,14 @@ class SessionRequest(BaseModel):
     messages: list[WireMessage] = []
 
 
+class ForkRequest(BaseModel):
+    """POST /v1/sessions/{id}/fork: a new session that goes on from that one as it is now (the body may be empty)."""
+
+    model_config = STRICT
+
+    session_id: str | None = None
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int
 
