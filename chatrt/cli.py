@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of the modes: sessions answering at once, e.g. 1,4,8,16 (each with ~1,000 tokens of history), "
         "and a new turn and a long prompt arriving while 8 decode",
     )
+    b.add_argument(
+        "--shared",
+        type=int,
+        help="instead of the modes: this many rows decoding together on one prompt, its KV copied into every row "
+        "and shared by reference: the decode step's time and its attention's",
+    )
+    b.add_argument("--shared-tokens", type=int, default=400, help="the shared prompt's tokens (default: 400)")
     b.add_argument("--out", default="bench-out", help="folder for report.json and ttft.png")
     stats = command(
         "stats",
@@ -311,6 +318,8 @@ def _bench(args: argparse.Namespace) -> int:
     _warn_if_loaded()
     if args.concurrent:
         return _bench_concurrent(args)
+    if args.shared:
+        return _bench_shared(args)
     _needs("bench", "matplotlib", "redis")
     from chatrt.bench import plot as bench_plot
     from chatrt.bench import reuse as bench
@@ -348,6 +357,28 @@ def _bench(args: argparse.Namespace) -> int:
             f"{'' if r.chose_faster else ', not the faster one'}"
         )
     console.print(f"report: {out / 'report.json'} · plot: {out / 'ttft.png'}")
+    return 0
+
+
+def _bench_shared(args: argparse.Namespace) -> int:
+    from chatrt.bench import shared as bench_shared
+
+    rt = _runtime(args)
+    with console.status(f"{args.shared} rows decoding on one shared prompt, copied and shared…"):
+        report = bench_shared.run(rt.lm, rt.config, rows=args.shared, shared_tokens=args.shared_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shared.json").write_text(report.model_dump_json(indent=2))
+    table = Table(title=f"{report.model} · {report.dtype} · {report.device} · {report.decode_step} · {report.rows} "
+                  f"rows · {report.shared_tokens} shared tokens + {report.own_tokens}-{report.own_tokens + report.steps} "
+                  "own each")  # fmt: skip
+    for col in ("prompt KV", "decode step", "attention", "KV held"):
+        table.add_column(col, justify="right")
+    for p in (report.copied, report.shared):
+        table.add_row(p.how, f"{p.step_ms:.1f} ms", f"{p.attention_ms:.1f} ms", _mib(p.kv_bytes))
+    console.print(table)
+    console.print(f"attention time saved: {report.attention_saved:.0%} (KV reads saved: {report.reads_saved:.0%}) · "
+                  f"report: {out / 'shared.json'}")  # fmt: skip
     return 0
 
 

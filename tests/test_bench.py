@@ -147,3 +147,17 @@ def test_the_quick_preset_is_small_and_skips_no_mode():
     quick = bench_workload.load_preset("quick")
     assert quick.sessions * quick.turns <= 6 and quick.max_new_tokens <= 16 and quick.restore_tokens <= 300
     assert set(quick.modes) == set(bench.MODES)
+
+
+def test_the_shared_prompt_bench_profiles_both_ways_of_holding_it(tiny_lm):
+    from chatrt.bench import shared
+
+    config = Config().with_values(engine={"compile": "off"})
+    r = shared.run(tiny_lm, config, rows=4, shared_tokens=64, own_tokens=8, steps=4)
+    assert r.decode_step.startswith("eager") and r.rows == 4
+    per_token = tiny_lm.info.kv_bytes_per_token
+    # Each row's own tokens grow in room of their own (64 tokens more), so the live caches hold more than the least.
+    assert r.copied.kv_bytes >= 4 * (64 + 12) * per_token and r.shared.kv_bytes >= (64 + 4 * 12) * per_token
+    assert r.copied.kv_bytes - r.shared.kv_bytes == 3 * 64 * per_token  # the prompt held once instead of 4 times
+    assert 0 < r.shared.attention_ms < r.shared.step_ms and 0 < r.copied.attention_ms < r.copied.step_ms
+    assert r.reads_saved == 1 - (64 + 4 * 12) / (4 * 76)
