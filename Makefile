@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `make test` runs the exactness tests on it as well as on the newest 5.x that .venv has. It needs the 1.x hub.
 OLDEST := $(VENV)/transformers-5.17
 EXACTNESS := tests/test_engine.py tests/test_kv.py tests/test_model.py tests/test_session.py tests/test_template.py \
-  tests/test_turn.py tests/test_compiled.py
+  tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py
 
 .PHONY: chat test lint bench screenshot redis-server
 

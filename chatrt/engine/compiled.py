@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,21 @@ def package_path(lm: LoadedModel, max_tokens: int, folder: Path) -> Path:
     return folder / f"{lm.info.fingerprint[:24]}-{versions}-{device}-{dtype}-{max_tokens}tokens.pt2"
 
 
+def load_package(path: Path) -> Callable[..., list[torch.Tensor]]:
+    """The compiled step in `path`, loaded. AOTInductor's loader extracts the package (about the size of the
+    weights: 1.1 GB for the bundled model) into a new `aotinductor_*` folder of the temporary directory and
+    leaves it there when the process ends without its destructor (as most do): one more copy per start, until
+    the disk is full. What it loaded stays mapped, so the folder is removed once the load is done (Linux keeps
+    a mapped file's pages after its name is gone; elsewhere the removal fails and is ignored)."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("aotinductor_*"))
+    fn = torch._inductor.aoti_load_package(str(path))
+    for folder in set(tmp.glob("aotinductor_*")) - before:  # this load's (its package's name inside)
+        if any(child.name.startswith(path.stem) for child in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+    return fn
+
+
 Rows = list[tuple[DynamicCache, list[int]]]
 """A step's rows: each row's cache and the ids that run after it."""
 Eager = Callable[[LoadedModel, DynamicCache, list[int]], torch.Tensor]
@@ -195,7 +211,7 @@ class CompiledSteps:
             fn = None
             if self.path.is_file():
                 try:
-                    fn = torch._inductor.aoti_load_package(str(self.path))
+                    fn = load_package(self.path)
                 except Exception as e:  # damaged, or built by a torch this one cannot load: built again
                     log.warning("the compiled decode step %s cannot be loaded (%s); compiling it again", self.path, e)
                     self.path.unlink(missing_ok=True)
@@ -203,7 +219,7 @@ class CompiledSteps:
             if fn is None:
                 self.how = "compiled"
                 self._build()
-                fn = torch._inductor.aoti_load_package(str(self.path))
+                fn = load_package(self.path)
             self.prompt_tokens = self._prompt_tokens(fn)
             self.seconds = time.perf_counter() - t0
             self._fn = fn

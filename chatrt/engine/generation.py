@@ -256,7 +256,8 @@ class Generation:
             and len(cache.layers) == self.lm.info.num_layers
             and all(layer.get_seq_length() == len(self.fed) for layer in cache.layers)
         ):
-            self.kv = KV.from_cache(cache, tuple(self.fed), self.shared).compact()
+            spare = 0.0 if self.prefill_only else 1 / 8  # a computed prefix is kept as it is, with no room to grow
+            self.kv = KV.from_cache(cache, tuple(self.fed), self.shared).compact(spare)
         self.cache = None
         return rest
 

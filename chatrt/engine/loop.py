@@ -172,7 +172,7 @@ class Engine:
             pass
         if gen.kv is None:
             raise RuntimeClosed("the runtime closed before the prefix was computed")
-        return gen.kv.compact(spare=0)  # kept as long as it is shared: no room to grow
+        return gen.kv
 
     def wake(self) -> None:
         with self._work:

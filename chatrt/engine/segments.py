@@ -23,6 +23,14 @@ def attend(q: torch.Tensor, layers: Sequence[GrowingLayer], spans: Sequence[tupl
     """q: [1, H, T, D], the packed queries of the step's rows; row i's tokens are positions spans[i] and its cache
     layer is layers[i], its new tokens already appended (the last of its own). Each new token sees every shared
     token and its own ones up to itself. Returns [1, H, T, D]."""
+    if len(layers) == 1:  # one row: its parts merged in place of a gather and scatter
+        layer = layers[0]
+        if not layer.shared:
+            return attend_row(q, layer.keys, layer.values, scale)
+        out, lse = attend_lse(q, layer.keys, layer.values, scale, causal=True)
+        for k, v in layer.shared:
+            out, lse = merge(out, lse, *attend_lse(q, k, v, scale))
+        return out
     out = q.new_empty(q.shape)
     if not any(layer.shared for layer in layers):
         for layer, (start, end) in zip(layers, spans, strict=True):
@@ -84,13 +92,12 @@ def attend_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
 def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> (  # noqa: E741
     tuple[torch.Tensor, torch.Tensor]
 ):  # fmt: skip
-    """Two attentions of the same queries over disjoint keys ([1, H, N, D] each, with their log-sum-exps [1, H, N])
-    as one attention over all of those keys: each weighted by its share of the softmax's denominator."""
-    m = torch.maximum(lse, l)
-    a, b = torch.exp(lse - m), torch.exp(l - m)  # [1, H, N]
-    total = a + b
-    merged = (out.float() * (a / total)[..., None] + o.float() * (b / total)[..., None]).to(out.dtype)
-    return merged, m + torch.log(total)
+    """Two attentions of the same queries over disjoint keys ([1, H, N, D] each, with their log-sum-exps [1, H, N]
+    fp32) as one attention over all of those keys: each weighted by its share of the softmax's denominator,
+    exp(l) / (exp(lse) + exp(l)) = sigmoid(l - lse) for the second. Four kernels: this runs per layer."""
+    weight = torch.sigmoid(l - lse).unsqueeze(-1)  # [1, H, N, 1]
+    merged = torch.lerp(out.float(), o.float(), weight).to(out.dtype)
+    return merged, torch.logaddexp(lse, l)
 
 
 def causal_mask(n: int, length: int, device: torch.device) -> torch.Tensor | None:
