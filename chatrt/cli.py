@@ -369,9 +369,9 @@ def _bench_shared(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shared.json").write_text(report.model_dump_json(indent=2))
+    own = f"{report.own_tokens}-{report.own_tokens + report.steps}"
     table = Table(title=f"{report.model} · {report.dtype} · {report.device} · {report.decode_step} · {report.rows} "
-                  f"rows · {report.shared_tokens} shared tokens + {report.own_tokens}-{report.own_tokens + report.steps} "
-                  "own each")  # fmt: skip
+                  f"rows · {report.shared_tokens} shared tokens + {own} own each")  # fmt: skip
     for col in ("prompt KV", "decode step", "attention", "KV held"):
         table.add_column(col, justify="right")
     for p in (report.copied, report.shared):

@@ -33,9 +33,9 @@ def test_merging_two_halves_by_their_log_sum_exps_is_attention_over_both():
     o1, l1 = attend_lse(q, k[..., :120, :], v[..., :120, :], 0.25)
     o2, l2 = attend_lse(q, k[..., 120:, :], v[..., 120:, :], 0.25)
     merged, lse = merge(o1, l1, o2, l2)
-    o, l = attend_lse(q, k, v, 0.25)
+    o, whole_lse = attend_lse(q, k, v, 0.25)
     torch.testing.assert_close(merged, o, rtol=0, atol=1e-6)
-    torch.testing.assert_close(lse, l, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, whole_lse, rtol=0, atol=1e-5)
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True), rtol=0,
                                atol=1e-6)  # fmt: skip
 

@@ -120,7 +120,8 @@ HISTORY = [("Hello there!", "Hi! How can I help?"), ("What is the sea?", "A grea
 
 
 def turns(pairs):  # type: ignore[no-untyped-def]
-    return [m for user, reply in pairs for m in ({"role": "user", "content": user}, {"role": "assistant", "content": reply})]
+    return [m for user, reply in pairs for m in ({"role": "user", "content": user},
+                                                 {"role": "assistant", "content": reply})]  # fmt: skip
 
 
 def test_a_new_session_starts_from_another_sessions_cache_up_to_where_their_conversations_part(runtime):

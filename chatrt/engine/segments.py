@@ -39,19 +39,18 @@ def attend(q: torch.Tensor, layers: Sequence[GrowingLayer], spans: Sequence[tupl
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)  # [1, H, T]
     groups: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # one per shared segment: its rows
     for n, (layer, (start, end)) in enumerate(zip(layers, spans, strict=True)):
-        o, l = attend_lse(q[..., start:end, :], layer.keys, layer.values, scale, causal=True)
-        out[..., start:end, :], lse[..., start:end] = o, l
+        o, part = attend_lse(q[..., start:end, :], layer.keys, layer.values, scale, causal=True)
+        out[..., start:end, :], lse[..., start:end] = o, part
         for k, v in layer.shared:
             groups.setdefault(id(k), (k, v, []))[2].append(n)
     for k, v, rows in groups.values():
         positions = [p for n in rows for p in range(*spans[n])]
         if len(positions) == q.shape[2]:  # every token of the step: no gathering
-            o, l = attend_lse(q, k, v, scale)
-            out, lse = merge(out, lse, o, l)
+            out, lse = merge(out, lse, *attend_lse(q, k, v, scale))
             continue
         index = torch.tensor(positions, device=q.device)
-        o, l = attend_lse(q.index_select(2, index), k, v, scale)
-        merged, merged_lse = merge(out.index_select(2, index), lse.index_select(2, index), o, l)
+        o, part = attend_lse(q.index_select(2, index), k, v, scale)
+        merged, merged_lse = merge(out.index_select(2, index), lse.index_select(2, index), o, part)
         out.index_copy_(2, index, merged)
         lse.index_copy_(2, index, merged_lse)
     return out
