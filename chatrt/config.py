@@ -182,7 +182,12 @@ class ServeConfig(_Section):
     api_key: SecretStr = SecretStr("")
     """When set (better as CHATRT_SERVE__API_KEY), every /v1 request must send `Authorization: Bearer <key>`."""
     model_name: str = ""
-    """The model id clients name and /v1/models lists; empty: the loaded model's name."""
+    """The model id /v1/models lists and responses name; empty: the loaded model's name."""
+    model_aliases: list[str] = []
+    """More names /v1/models lists for the same model (`gpt-4o-mini`, say, for tools that default to one)."""
+    strict_model: bool = False
+    """Refuse (404) a request that names another model; by default any name is answered by the served one, as
+    llama.cpp's server does (the response's `model` says which answered)."""
     max_body_bytes: ByteSize = ByteSize(4 * 2**20)
     """Larger request bodies are refused with 413."""
     max_waiting: int = Field(64, ge=0)

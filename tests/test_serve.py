@@ -103,10 +103,15 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
         ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
         ({"model": "MODEL", "messages": []}, 400, "messages"),
         ({"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+         "tools"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+         "frequency_penalty"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": None}]}, 400, "needs content"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+          "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]}, 400, "tool calls"),  # fmt: skip
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "nope"}, 404, "nope"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "a b"}, 400, "session id"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context"),
@@ -132,6 +137,10 @@ def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, c
     assert says in error["message"] and error["type"] and "Traceback" not in response.text
     if says == "context":
         assert error["code"] == "context_length_exceeded"
+    if status == 400 and says not in ("context", "last message", "whole turns", "nope", "session id"):
+        assert error["param"], error  # which parameter, as OpenAI says it
+    if says in ("n", "frequency_penalty", "tools"):
+        assert error["param"] == says and error["code"] == "unsupported_value"
 
 
 def test_a_fork_goes_on_from_its_parent_and_prefills_only_its_new_message(server, client, tiny_lm):
@@ -157,6 +166,55 @@ def test_a_fork_goes_on_from_its_parent_and_prefills_only_its_new_message(server
     assert httpx.post(f"{server}/sessions/nope/fork").status_code == 404
     for sid in (parent, child["session_id"], "branch-b"):
         assert httpx.delete(f"{server}/sessions/{sid}").status_code == 200
+
+
+def test_what_the_official_client_sends_is_accepted(server, client, tiny_lm):
+    """Any model name; a response's message sent back as `model_dump()` gives (refusal, annotations, audio,
+    function_call, tool_calls); every parameter at its neutral value; two system messages; an assistant's null."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in English."},
+                {"role": "user", "content": QUESTIONS[0]}]  # fmt: skip
+    neutral = dict(frequency_penalty=0, presence_penalty=0, logprobs=False, logit_bias={}, n=1, store=False,
+                   response_format={"type": "text"}, tools=[], tool_choice="none", metadata={"app": "test"},
+                   service_tier="auto", prompt_cache_key="key", stream_options=None)  # fmt: skip
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=messages, **neutral)
+    assert first.model == model_id(client)  # the name says which model answered
+    expected = python_api_turns(tiny_lm, QUESTIONS[:2], system="Be brief.\n\nAnswer in English.")
+    assert first.choices[0].message.content == expected[0].text
+    messages.append(first.choices[0].message.model_dump())  # the tutorial's pattern: every field, nulls included
+    messages.append({"role": "user", "content": QUESTIONS[1]})
+    second = client.chat.completions.create(model="anything", messages=messages, parallel_tool_calls=False)
+    assert second.choices[0].message.content == expected[1].text
+    assert second.usage.prompt_tokens_details.cached_tokens > 0  # its conversation was recognised
+    nulled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+              {"role": "user", "content": "ok"}]  # fmt: skip
+    assert client.chat.completions.create(model="x", messages=nulled).choices[0].finish_reason  # accepted
+
+
+def test_errors_and_discovery_request_ids_and_the_published_schema(server, client):
+    echoed = httpx.get(f"{server}/models", headers={"x-request-id": "my-trace.42"})
+    assert echoed.headers["x-request-id"] == "my-trace.42"
+    made = httpx.post(f"{server}/chat/completions", json={"model": "m", "messages": []})
+    assert made.status_code == 400 and made.headers["x-request-id"].startswith("req_")
+    assert made.json()["error"]["param"] == "messages"
+    odd = httpx.get(f"{server}/models", headers={"x-request-id": "no spaces\tor tabs"}).headers["x-request-id"]
+    assert odd.startswith("req_")  # not echoed: only letters, digits and ._:- are
+    schema = httpx.get(server.removesuffix("/v1") + "/openapi.json").json()
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    chat = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert {"model", "messages", "frequency_penalty", "session_id"} <= set(chat["properties"])
+    assert "/v1/sessions/{session_id}/fork" in schema["paths"] and "ChatCompletion" in schema["components"]["schemas"]
+
+
+def test_model_aliases_and_a_strict_model_name(tiny_folder):
+    with serve(tiny_folder, SERVE__MODEL_ALIASES='["gpt-4o-mini"]', SERVE__STRICT_MODEL="true") as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        names = [m.id for m in c.models.list().data]
+        assert len(names) == 2 and names[1] == "gpt-4o-mini"
+        hi = [{"role": "user", "content": "hi"}]
+        assert c.chat.completions.create(model="gpt-4o-mini", messages=hi).model == names[0]
+        with pytest.raises(openai.NotFoundError) as refused:
+            c.chat.completions.create(model="gpt-3.5-turbo", messages=hi)
+        assert refused.value.body["param"] == "model" and refused.value.body["code"] == "model_not_found"
 
 
 def test_a_client_that_disconnects_mid_stream_leaves_a_consistent_session(server, client):

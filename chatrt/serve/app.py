@@ -16,10 +16,13 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from importlib.metadata import version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -194,9 +197,9 @@ class Server:
         """The session of `tenant` that answers this request, the user message to send it, and for a stateless
         client the scope its conversations are matched in (its session is given back to the index under it once
         its turn has finished). Blocks (Redis may be asked)."""
-        messages = [_message(m) for m in req.messages]
+        messages = joined_system([_message(m) for m in req.messages])
         if messages[-1].role != "user":
-            raise HTTPError(400, "the last message must be the user's", "invalid_request_error")
+            raise HTTPError(400, "the last message must be the user's", "invalid_request_error", param="messages")
         session_id = header or req.session_id
         if session_id is not None:
             session = self.rt.session(tenant.internal(check_session_id(session_id)))
@@ -369,6 +372,67 @@ def cache_scope(tenant: Tenant, user: str | None, cache_salt: str | None) -> str
     return json.dumps([tenant.name, user, cache_salt])
 
 
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": wire.ErrorResponse} for status in (400, 401, 404, 409, 413,
+                                                                                                429, 503)}  # fmt: skip
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": wire.ChatRequest,
+    "/v1/sessions": wire.SessionRequest,
+    "/v1/sessions/{session_id}/fork": wire.ForkRequest,
+}
+"""The request bodies the handlers parse themselves (to answer as OpenAI does), for the published schema."""
+
+
+class RequestId:
+    """`x-request-id` on every response: the client's own when it sent a sane one, else a new one (ASGI, so a
+    streamed response is passed through as it is)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given if REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}".encode()
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+def openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema of the routes, with the bodies the handlers parse themselves (`BODIES`): generated from
+    the same wire models that parse them."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title="chatrt", version=version("chatrt"), routes=app.routes,
+                         description="OpenAI-compatible chat completions, with sessions")  # fmt: skip
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        schema["paths"][path]["post"]["requestBody"] = {"required": path != "/v1/sessions/{session_id}/fork",
+                                                        "content": {"application/json": {"schema": ref}}}  # fmt: skip
+    app.openapi_schema = schema
+    return schema
+
+
+def joined_system(messages: list[Message]) -> list[Message]:
+    """The leading system (and developer) messages as one system prompt, their texts joined by a blank line:
+    clients that send an instruction and a context as two system messages mean both."""
+    n = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+    if n < 2:
+        return messages
+    return [Message(role="system", content="\n\n".join(m.content for m in messages[:n])), *messages[n:]]
+
+
 def _message(m: wire.WireMessage) -> Message:
     try:
         text = m.text()
@@ -387,8 +451,10 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         if expiring is not None:
             expiring.cancel()
 
-    app = FastAPI(title="chatrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="chatrt", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(RequestId)
+    app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(HTTPError)
     async def _http(_: Request, e: HTTPError) -> JSONResponse:
@@ -436,18 +502,22 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": wire.ModelList}})
     async def models(request: Request) -> dict[str, Any]:
         server.authorize(request)
-        return wire.ModelList(data=[wire.ModelCard(id=server.model_id, created=wire.now())]).model_dump()
+        names = [server.model_id, *(a for a in config.model_aliases if a != server.model_id)]
+        return wire.ModelList(data=[wire.ModelCard(id=name, created=wire.now()) for name in names]).model_dump()
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=ERRORS | {200: {"model": wire.ChatCompletion}})
     async def chat(request: Request) -> dict[str, Any] | EventSourceResponse:
         tenant = server.authorize(request)
         req = await server.parse(request, wire.ChatRequest)
-        if req.model != server.model_id:
+        if config.strict_model and req.model != server.model_id and req.model not in config.model_aliases:
             message = f"the model {req.model!r} is not served here; it serves {server.model_id!r} (GET /v1/models)"
-            raise HTTPError(404, message, "invalid_request_error", "model_not_found")
+            raise HTTPError(404, message, "invalid_request_error", "model_not_found", param="model")
+        if unsupported := req.unsupported():
+            param, message = unsupported
+            raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
         header = request.headers.get(SESSION_HEADER)
         server.admit(tenant)
         try:

@@ -1,8 +1,10 @@
 """The OpenAI chat-completions wire format, as far as chatrt serves it, plus chatrt's session extensions.
 
-Requests are strict: a field chatrt does not honour (tools, n > 1, logprobs, ...) is a 400 that names it, not a
-silently different answer, and no value is coerced (`"stream": "yes"` and `"max_tokens": "5"` are 400s, as in
-OpenAI's API). Responses carry the fields the official clients read.
+Requests take what the official clients send: the fields a response's message carries when it is sent back
+(`message.model_dump()`), and every parameter at its neutral value (`frequency_penalty: 0`, `logprobs: false`,
+`tools: []`, ...). A value chatrt cannot honour is a 400 that names it (`unsupported`), not a silently different
+answer, and no value is coerced (`"stream": "yes"` and `"max_tokens": "5"` are 400s, as in OpenAI's API).
+Responses carry the fields the official clients read.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chatrt.engine import FinishReason
 
@@ -23,11 +25,29 @@ class WireMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-    """Text, or OpenAI's list of content parts (only text parts)."""
+    content: str | list[dict[str, Any]] | None = None
+    """Text, or OpenAI's list of content parts (only text parts); an assistant's may be null."""
     name: str | None = None
+    # What a response's message carries, sent back as it came (`messages.append(message.model_dump())`):
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _honourable(self) -> WireMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls or self.function_call is not None:
+            raise ValueError("tool calls in the history: this server runs no tools for the served model")
+        if self.audio is not None:
+            raise ValueError("audio is not supported: send text")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -41,7 +61,16 @@ class WireMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = STRICT
 
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+    """vLLM's: usage in every chunk (accepted; chatrt sends it in the last)."""
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -56,9 +85,23 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     """Up to 4 non-empty strings, as OpenAI allows."""
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int | None = Field(1, ge=1)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # accepted and not used: OpenAI's storage, routing and tiering hints
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
     user: str | None = None
     """Narrows a stateless client's matching: its conversations continue only sessions of the same user."""
     cache_salt: str | None = None
@@ -68,6 +111,22 @@ class ChatRequest(BaseModel):
     """Continue this session: send only the new user message (the X-Session-Id header does the same)."""
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first parameter set to a value chatrt does not honour yet, and why: (param, message)."""
+        checks = [
+            ("n", (self.n or 1) > 1, "n > 1: ask once per reply"),
+            ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty other than 0 (use "
+             "repetition_penalty)"),
+            ("presence_penalty", bool(self.presence_penalty), "presence_penalty other than 0 (use repetition_penalty)"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias"),
+            ("logprobs", bool(self.logprobs) or bool(self.top_logprobs), "logprobs"),
+            ("response_format", self.response_format is not None and self.response_format.type != "text",
+             "response_format other than text"),
+            ("tools", bool(self.tools), "tools: the served model's chat template takes none"),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto"), "tool_choice other than none or auto"),
+        ]  # fmt: skip
+        return next(((param, f"{why} is not supported") for param, bad, why in checks if bad), None)
 
     def options(self) -> dict[str, Any]:
         """The chatrt turn options this request sets."""
