@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -50,6 +50,12 @@ class GenerationConfig(_Section):
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     """transformers' penalty on every token already in the prompt or the reply (1: off; about 1.1 breaks the
     repetition loops small models fall into under greedy decoding)."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    """OpenAI's: subtracted from a token's logit once for every time the reply so far holds it (0: off)."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    """OpenAI's: subtracted from a token's logit once the reply so far holds it (0: off)."""
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] = {}
+    """OpenAI's: added to these token ids' logits (-100 bans a token, 100 all but forces it)."""
     seed: int | None = Field(None, ge=0, lt=2**64)
     """Makes a sampled reply reproducible; None (the default) draws an unseeded one. torch takes 64-bit seeds;
     a negative seed is refused rather than silently wrapped (llama.cpp's -1 means "random": use None)."""
@@ -66,6 +72,9 @@ class TurnOptions(TypedDict, total=False):
     top_p: float
     top_k: int
     repetition_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    logit_bias: Mapping[int, float]
     seed: int | None
     stop: Sequence[str]
 

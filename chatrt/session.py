@@ -283,7 +283,7 @@ class Session:
 
     def _turn(self, plan: Plan, options: TurnOptions) -> Turn:
         self._check_open()
-        return Turn(self, plan, generation_params(self.parts.config, options))
+        return Turn(self, plan, generation_params(self.parts.config, options, self.parts.info.vocab_size))
 
     def _check_open(self) -> None:
         if self.closed:

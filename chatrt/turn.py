@@ -77,16 +77,21 @@ def before_last_turn(history: list[Message]) -> list[Message]:
     return history[:-2]
 
 
-def generation_params(config: Config, options: TurnOptions | dict[str, Any]) -> GenerationConfig:
-    """The runtime's generation defaults with this turn's options over them, checked."""
+def generation_params(config: Config, options: TurnOptions | dict[str, Any], vocab_size: int) -> GenerationConfig:
+    """The runtime's generation defaults with this turn's options over them, checked (against the model's
+    vocabulary too)."""
     for name in options:
         if name in OTHER_NAMES:
             raise ConfigError(f"unknown generation option {name!r}: chatrt calls it {OTHER_NAMES[name]!r}")
     try:
-        return GenerationConfig.model_validate({**config.generation.model_dump(), **options})
+        params = GenerationConfig.model_validate({**config.generation.model_dump(), **options})
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid generation option: {problems}") from None
+    if outside := [t for t in params.logit_bias if not 0 <= t < vocab_size]:
+        raise ConfigError(f"invalid generation option: logit_bias names token ids {outside[:3]} that the model does "
+                          f"not have (its ids are 0 to {vocab_size - 1})")  # fmt: skip
+    return params
 
 
 # -- the turn ------------------------------------------------------------------------------------------------

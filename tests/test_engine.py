@@ -75,6 +75,18 @@ def test_abandoned_stream_leaves_kv_for_exactly_what_was_fed(tiny_lm):
     assert gen.kv.ids[20:] == tuple(gen.token_ids[:-1])
 
 
+def test_frequency_and_presence_penalties_subtract_by_count_and_logit_bias_adds():
+    """OpenAI's definitions: logit - frequency_penalty * count - presence_penalty * (count > 0), after the bias."""
+    logits = torch.tensor([1.0, 2.0, 3.0, 2.9])
+    counts = torch.tensor([0.0, 0.0, 2.0, 0.0])
+    p = GenerationConfig(frequency_penalty=0.1, presence_penalty=0.0)
+    assert sample(logits, p, None, counts=counts) == 3  # 3.0 - 0.2 < 2.9
+    p = GenerationConfig(frequency_penalty=0.0, presence_penalty=0.05)
+    assert sample(logits, p, None, counts=counts) == 2  # 3.0 - 0.05 > 2.9
+    assert sample(logits, GenerationConfig(logit_bias={0: 2.5}), None) == 0
+    assert sample(logits, GenerationConfig(logit_bias={2: -100}), None) == 3
+
+
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
     logits = torch.linspace(0, 5, 100)
     p = GenerationConfig(temperature=1.0, top_k=3, seed=1)

@@ -106,11 +106,15 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
          "tools"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 5}}, 400,
+         "logit_bias"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}, 400,
+         "logit_bias"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 3}, 400,
          "frequency_penalty"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": None}]}, 400, "needs content"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
-          "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]}, 400, "tool calls"),  # fmt: skip
+          "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]}, 400, "tool calls"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "nope"}, 404, "nope"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "a b"}, 400, "session id"),
@@ -139,7 +143,7 @@ def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, c
         assert error["code"] == "context_length_exceeded"
     if status == 400 and says not in ("context", "last message", "whole turns", "nope", "session id"):
         assert error["param"], error  # which parameter, as OpenAI says it
-    if says in ("n", "frequency_penalty", "tools"):
+    if says in ("n", "tools"):
         assert error["param"] == says and error["code"] == "unsupported_value"
 
 
@@ -188,6 +192,22 @@ def test_what_the_official_client_sends_is_accepted(server, client, tiny_lm):
     nulled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
               {"role": "user", "content": "ok"}]  # fmt: skip
     assert client.chat.completions.create(model="x", messages=nulled).choices[0].finish_reason  # accepted
+
+
+def test_penalties_and_logit_bias_are_honoured_as_the_python_api_does(server, client, tiny_lm):
+    options = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {198: -100, 30: 2.5}}
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        plain = rt.open_session("Be brief.").send(QUESTIONS[0])
+        want = rt.open_session("Be brief.").send(QUESTIONS[0], **options)
+        forced = rt.open_session("Be brief.").send(QUESTIONS[0], logit_bias={30: 100})
+    assert want.token_ids != plain.token_ids and 198 not in want.token_ids
+    assert set(forced.token_ids) == {30}  # a bias of 100 all but forces the token
+    counts = [want.token_ids.count(t) for t in set(want.token_ids)]
+    assert max(counts) <= max(plain.token_ids.count(t) for t in set(plain.token_ids))  # fewer repeats
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[0]}]
+    reply = client.chat.completions.create(model="m", messages=messages, frequency_penalty=1.5, presence_penalty=0.5,
+                                           logit_bias={"198": -100, "30": 2.5})  # fmt: skip
+    assert reply.choices[0].message.content == want.text
 
 
 def test_errors_and_discovery_request_ids_and_the_published_schema(server, client):

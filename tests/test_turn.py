@@ -9,7 +9,7 @@ import asyncio
 import anyio
 import pytest
 
-from chatrt import AsyncChatRuntime, ContextLengthError
+from chatrt import AsyncChatRuntime, ConfigError, ContextLengthError
 from chatrt.engine import runner
 from chatrt.turn import Turn
 from tests.conftest import tiered
@@ -141,3 +141,10 @@ async def test_a_task_cancelled_while_its_turn_begins_ends_it_unrecorded(tiny_lm
         assert seen == [("finished", 0)] and turn.reply is None
         assert_exact(s.sync, await s.send("hello"), 12)
 
+
+
+def test_a_logit_bias_on_a_token_the_model_does_not_have_is_refused_before_the_turn(runtime):
+    s = runtime.open_session()
+    with pytest.raises(ConfigError, match="logit_bias names token ids"):
+        s.stream("hi", logit_bias={10**9: 1.0})
+    assert s.send("hi", logit_bias={30: 100.0}).token_ids == (30,) * 12

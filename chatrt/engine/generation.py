@@ -25,13 +25,23 @@ FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
 
 
 def sample(
-    logits: torch.Tensor, p: GenerationConfig, generator: torch.Generator | None, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    p: GenerationConfig,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> int:
-    """Greedy at temperature 0, else temperature / top-k / top-p sampling, after the repetition penalty on the
-    tokens marked in `seen`, in transformers' order. logits, seen: [V]."""
+    """Greedy at temperature 0, else temperature / top-k / top-p sampling, after the logit bias, the repetition
+    penalty on the tokens marked in `seen` (transformers') and the frequency and presence penalties on the
+    reply's token `counts` (OpenAI's), in vLLM's order. logits, seen, counts: [V]."""
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), device=logits.device))
     if seen is not None:
         r = p.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if counts is not None:
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
     if p.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / p.temperature
@@ -154,6 +164,7 @@ class Generation:
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
+    _counts: torch.Tensor | None = None  # [V]: how often the reply holds each token (frequency, presence)
     _ended: bool = False
 
     def begin(self) -> None:
@@ -210,12 +221,16 @@ class Generation:
             if p.repetition_penalty != 1.0:  # every token of the prompt (the reused part too) and of the reply
                 self._seen = torch.zeros_like(logits, dtype=torch.bool)
                 self._seen[torch.tensor(self.fed, device=logits.device)] = True
-        token = sample(logits, p, self._generator, self._seen)
+            if p.frequency_penalty or p.presence_penalty:
+                self._counts = torch.zeros_like(logits)
+        token = sample(logits, p, self._generator, self._seen, self._counts)
         if not self.token_ids:
             self.ttft_s = time.perf_counter() - self.started
         if token in self.lm.stop_ids:
             return self.end("stop")
         self.token_ids.append(token)
+        if self._counts is not None:
+            self._counts[token] += 1
         piece = stream.push(token)
         if piece:
             self.marks.append((stream.emitted, len(self.token_ids)))

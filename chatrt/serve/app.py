@@ -515,7 +515,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         if config.strict_model and req.model != server.model_id and req.model not in config.model_aliases:
             message = f"the model {req.model!r} is not served here; it serves {server.model_id!r} (GET /v1/models)"
             raise HTTPError(404, message, "invalid_request_error", "model_not_found", param="model")
-        if unsupported := req.unsupported():
+        if unsupported := req.unsupported(server.rt.lm.info.vocab_size):
             param, message = unsupported
             raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
         header = request.headers.get(SESSION_HEADER)

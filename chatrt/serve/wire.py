@@ -112,14 +112,14 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """The first parameter set to a value chatrt does not honour yet, and why: (param, message)."""
+    def unsupported(self, vocab_size: int) -> tuple[str, str] | None:
+        """The first parameter set to a value chatrt does not honour (yet), and why: (param, message)."""
         checks = [
             ("n", (self.n or 1) > 1, "n > 1: ask once per reply"),
-            ("frequency_penalty", bool(self.frequency_penalty), "frequency_penalty other than 0 (use "
-             "repetition_penalty)"),
-            ("presence_penalty", bool(self.presence_penalty), "presence_penalty other than 0 (use repetition_penalty)"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias"),
+            ("logit_bias", not all(k.isdigit() and int(k) < vocab_size and -100 <= v <= 100
+                                   for k, v in (self.logit_bias or {}).items()),
+             f"logit_bias other than the model's token ids (0 to {vocab_size - 1}, as strings) with biases from -100 "
+             "to 100"),
             ("logprobs", bool(self.logprobs) or bool(self.top_logprobs), "logprobs"),
             ("response_format", self.response_format is not None and self.response_format.type != "text",
              "response_format other than text"),
@@ -137,6 +137,9 @@ class ChatRequest(BaseModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             "seed": self.seed,
             "stop": tuple(stop) if stop is not None else None,
         }
