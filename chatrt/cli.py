@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--plain", action="store_true", help="a line-by-line chat instead of the UI (the default when stdin is a pipe)"
     )
+    chat.add_argument(
+        "--exact", action="store_true", help="new chats decode greedily (plain transformers' replies) instead of "
+        "sampling as the model recommends"
+    )
     b = command("bench", _bench, "run the multi-session workload in several reuse modes and report")
     b.add_argument("--preset", default="default", help="configs/bench/<NAME>.toml or a .toml file (default: default)")
     for field, info in bench_workload.Workload.model_fields.items():
@@ -270,7 +274,7 @@ def _chat(args: argparse.Namespace) -> int:
         _quiet_hub()
         return ChatRuntime.from_config(config, progress)
 
-    tui.run(load, system_prompt=args.system)
+    tui.run(load, system_prompt=args.system, sampling="exact" if args.exact else "chat")
     return 0
 
 

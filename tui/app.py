@@ -14,7 +14,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from tui.chat_screen import ChatScreen, model_title
+from tui.chat_screen import ChatScreen, Sampling, model_title
 from tui.chats import ChatStore
 from tui.loading import LoadingScreen
 from tui.new_session import Preset, load_presets
@@ -55,10 +55,12 @@ class ChatApp(App[None]):
         system_prompt: str | None = None,
         presets: list[Preset] | None = None,
         chats: ChatStore | None = None,
+        sampling: Sampling = "chat",
     ) -> None:
-        """`chats`: where chats are kept between runs (default: chats.db in the user's data folder)."""
+        """`chats`: where chats are kept between runs (default: chats.db in the user's data folder); `sampling`:
+        new chats start from the model's recommended sampling ("chat") or greedy ("exact")."""
         super().__init__()
-        self.load = load
+        self.load, self.sampling = load, sampling
         self.system_prompt = system_prompt
         self.presets = load_presets() if presets is None else presets
         self.chats = chats if chats is not None else ChatStore()
@@ -82,7 +84,7 @@ class ChatApp(App[None]):
     async def runtime_ready(self, rt: ChatRuntime) -> None:
         self.rt = rt
         self.sub_title = model_title(rt.lm.info)
-        await self.switch_screen(ChatScreen(rt, self.presets, self.system_prompt, self.chats))
+        await self.switch_screen(ChatScreen(rt, self.presets, self.system_prompt, self.chats, self.sampling))
 
     def runtime_failed(self, screen: LoadingScreen, message: str) -> None:
         screen.failed(message)
@@ -114,9 +116,9 @@ class ChatApp(App[None]):
                 )
 
 
-def run(load: Loader, *, system_prompt: str | None = None) -> None:
+def run(load: Loader, *, system_prompt: str | None = None, sampling: Sampling = "chat") -> None:
     """Run the app until the user quits, then free the runtime (with Redis, sessions stay there to resume)."""
-    app = ChatApp(load, system_prompt=system_prompt)
+    app = ChatApp(load, system_prompt=system_prompt, sampling=sampling)
     try:
         app.run()
     finally:

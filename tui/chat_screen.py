@@ -7,7 +7,7 @@ palette command. Chats are kept in the chat store after every turn and come back
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -17,6 +17,7 @@ from textual.widgets import ContentSwitcher, Footer, Header, Label, ListView
 
 from chatrt.config import GREEDY_BELOW
 from chatrt.errors import ChatrtError, InvalidMessage
+from chatrt.model import chat_sampling
 from tui.chats import ChatStore, ChatStoreError, StoredChat, export_name, markdown
 from tui.confirm import ConfirmScreen
 from tui.conversation import Conversation
@@ -43,6 +44,9 @@ TITLE_CHARS = 26
 REGENERATE_TEMPERATURE = 0.8
 
 
+
+Sampling = Literal["chat", "exact"]
+
 class ChatScreen(Screen[None]):
     # Priority bindings win over the input's own keys (Ctrl+E end of line, Ctrl+W delete word, Ctrl+Y redo).
     BINDINGS = [
@@ -62,10 +66,13 @@ class ChatScreen(Screen[None]):
     show_stats: reactive[bool] = reactive(True, init=False)
 
     def __init__(
-        self, rt: ChatRuntime, presets: list[Preset], system_prompt: str | None = None, chats: ChatStore | None = None
+        self, rt: ChatRuntime, presets: list[Preset], system_prompt: str | None = None, chats: ChatStore | None = None,
+        sampling: Sampling = "chat",
     ) -> None:
+        """`sampling`: what a new chat's settings start from: "chat" (the model's recommended sampling), or "exact"
+        (the runtime's defaults: greedy)."""
         super().__init__()
-        self.rt = rt
+        self.rt, self.sampling = rt, sampling
         self.presets = presets
         self.chats = chats
         self.first_system_prompt = system_prompt
@@ -108,7 +115,8 @@ class ChatScreen(Screen[None]):
         except ChatrtError as e:
             self.notify(str(e), title="could not open a session", severity="error")
             return
-        self.show(await self._add(Conversation(session, title="New chat", id=self._next_id())))
+        settings = chat_sampling(self.rt.lm) if self.sampling == "chat" else {}  # Ctrl+G's presets switch
+        self.show(await self._add(Conversation(session, title="New chat", settings=settings, id=self._next_id())))
 
     async def reopen(self, chat: StoredChat) -> None:
         """A chat kept from an earlier run: its session again, seeded with the transcript (its KV is computed by
@@ -296,7 +304,9 @@ class ChatScreen(Screen[None]):
                 self.notify("settings saved; they apply from this chat's next turn")
 
         defaults = self.rt.config.generation
-        self.app.push_screen(SettingsScreen(defaults, conversation.settings, model_title(self.rt.lm.info)), saved)
+        title = model_title(self.rt.lm.info)
+        screen = SettingsScreen(defaults, conversation.settings, title, chat_sampling(self.rt.lm))
+        self.app.push_screen(screen, saved)
 
     def action_edit_last(self) -> None:
         if self.current is None or self.current.responding:

@@ -1,6 +1,8 @@
 """The per-chat settings dialog: the turn options of one chat (temperature, top-p, top-k, repetition penalty,
-max new tokens, seed), checked as a turn checks them. Dismisses with the options that differ from the runtime's
-defaults (empty: use the defaults), or None when cancelled.
+max new tokens, seed), checked as a turn checks them, and two presets that fill them in: "Chat" (the sampling the
+model recommends, which new chats start from) and "Exact" (the runtime's defaults: greedy, the same reply as plain
+transformers). Dismisses with the options that differ from the runtime's defaults (empty: use the defaults), or
+None when cancelled.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ FIELDS = {
 class SettingsScreen(ModalScreen[dict[str, Any] | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, defaults: GenerationConfig, settings: dict[str, Any], model: str) -> None:
+    def __init__(self, defaults: GenerationConfig, settings: dict[str, Any], model: str, chat: dict[str, Any]) -> (
+        None
+    ):  # fmt: skip
         super().__init__()
-        self.defaults, self.settings, self.model = defaults, settings, model
+        self.defaults, self.settings, self.model, self.chat = defaults, settings, model, chat
 
     def compose(self):  # type: ignore[no-untyped-def]
         values = {**self.defaults.model_dump(), **self.settings}
@@ -44,13 +48,24 @@ class SettingsScreen(ModalScreen[dict[str, Any] | None]):
             yield Label("", id="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
+                yield Button("Chat", id="chat", tooltip="the sampling the model recommends")
+                yield Button("Exact", id="exact", tooltip="greedy: plain transformers' reply")
                 yield Button("Cancel", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
             self.save()
+        elif event.button.id in ("chat", "exact"):
+            self.fill(self.chat if event.button.id == "chat" else {})
         else:
             self.dismiss(None)
+
+    def fill(self, preset: dict[str, Any]) -> None:
+        """The fields as the preset sets them over the runtime's defaults (saved only with Save)."""
+        values = {**self.defaults.model_dump(), **preset}
+        for name in FIELDS:
+            value = values.get(name)
+            self.query_one(f"#{name}", Input).value = "" if value is None else str(value)
 
     def on_input_submitted(self, _: Input.Submitted) -> None:
         self.save()

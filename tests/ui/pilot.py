@@ -19,7 +19,9 @@ from tui.prompt_input import PromptInput
 
 
 def chat_app(rt: ChatRuntime, **kwargs) -> ChatApp:  # type: ignore[no-untyped-def]
-    return ChatApp(lambda progress: rt, **kwargs)
+    """The app on `rt`; new chats greedy ("exact") unless `sampling` says otherwise, so replies can be checked
+    against plain transformers."""
+    return ChatApp(lambda progress: rt, **{"sampling": "exact", **kwargs})
 
 
 async def wait_until(pilot: Pilot, predicate: Callable[[], object], timeout: float = 30.0) -> None:

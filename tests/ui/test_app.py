@@ -310,6 +310,41 @@ async def test_chat_on_the_bundled_model_is_exact_and_reuses_the_history(bundled
         assert turn_rows(pilot.app.screen)[1][2] == str(second.reused_tokens)
 
 
+async def test_a_new_chat_starts_from_the_chat_preset_and_the_settings_offer_exact(runtime):
+    from chatrt.model import CHAT_SAMPLING
+    from tui.settings import SettingsScreen
+
+    async with chat_app(runtime, sampling="chat").run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        conversation = pilot.app.screen.current
+        assert conversation.settings == CHAT_SAMPLING  # the tiny model recommends nothing: the chat preset
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+        assert pilot.app.screen.query_one("#temperature").value == str(CHAT_SAMPLING["temperature"])
+        await pilot.click("#exact")
+        assert pilot.app.screen.query_one("#temperature").value == "0.0"
+        pilot.app.screen.save()
+        await wait_until(pilot, lambda: not conversation.settings)  # the runtime's defaults: greedy, exact
+
+
+@pytest.mark.bundled
+def test_the_chat_preset_writes_a_poem_on_the_bundled_model_without_repeating_a_line(bundled_lm):
+    """The issue's prompt: greedy and unpenalized, the bundled model loops ("a place where the sea is a place")
+    until 256 tokens; the chat preset it gets in a new chat does not repeat a line."""
+    from chatrt import ChatRuntime, Config
+    from chatrt.model import chat_sampling
+
+    config = Config().with_values(engine={"compile": "off"}, generation={"max_new_tokens": 256, "seed": 0})
+    with ChatRuntime(bundled_lm, config) as rt:
+        greedy = rt.open_session().send("Write a short poem about the sea")
+        reply = rt.open_session().send("Write a short poem about the sea", **chat_sampling(bundled_lm))
+    lines = [line.strip() for line in reply.text.splitlines() if line.strip()]
+    print(f"\ngreedy: {greedy.stats.generated_tokens} tokens; chat preset: {reply.stats.generated_tokens} tokens:\n"
+          f"{reply.text}")  # fmt: skip
+    assert len(lines) >= 2 and len(set(lines)) == len(lines)
+    assert reply.stats.finish_reason == "stop"
+
+
 async def test_the_new_session_dialog_opens_on_the_first_preset(runtime):
     async with chat_app(runtime, presets=PRESETS).run_test(size=SIZE) as pilot:
         await ready(pilot)
