@@ -243,6 +243,12 @@ class Turn:
         for fn in callbacks:
             fn(self)
         p = self.session.parts
+        if self._running is not None:  # hashed with no lock held: other sessions of its scope may start from it
+            kv = None if self.session.closed else self.session.kv
+            if kv is not None:
+                p.index.add(self.session.id, self.session.cache_scope, kv.ids)
+            else:
+                p.index.remove(self.session.id)
         if self.reply is not None:  # metrics, the turn's log line, stats published to Redis: the session is free
             p.recorder.record(self.reply.stats, self._running.user.content, self.reply.text)  # type: ignore[union-attr]
         p.tiers.settle()  # other sessions' caches move down here, holding no session and no lock
@@ -264,10 +270,6 @@ class Turn:
         finally:
             keep = p.config.session.reuse and not session.closed
             p.tiers.checkin(session.id, gen.kv if keep else None)
-            if keep and gen.kv is not None:  # other sessions of its scope may start from it while it is idle
-                p.index.add(session.id, session.cache_scope, gen.kv.ids)
-            else:
-                p.index.remove(session.id)
             self.transcript = list(session.messages)
             running.hold.close()
         if failed is not None:
