@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from chatrt.cache.store import RedisStore
 
 from chatrt.cache.index import PrefixIndex
+from chatrt.cache.kv import storage_bytes
 from chatrt.cache.prefix import PrefixEntry, PrefixStore
 from chatrt.cache.spill import PrefixSpill
 from chatrt.cache.tiers import Tiers
@@ -233,7 +234,7 @@ class ChatRuntime:
             **totals.model_dump(exclude={"reused_tokens", "hit_rate"}),
             sessions_open=len(sessions),
             sessions_closed=closed,
-            kv_bytes=_storage_bytes(s.kv for s in sessions),
+            kv_bytes=storage_bytes(t for s in sessions if (kv := s.kv) is not None for t in kv.tensors()),
             prefix_entries=len(self.prefixes),
             prefix_bytes=self.prefixes.nbytes,
             prefix_hits=counters.hits,
@@ -334,14 +335,3 @@ def check_session_id(session_id: object) -> str:
         )
     return session_id
 
-
-def _storage_bytes(kvs) -> int:  # type: ignore[no-untyped-def]
-    """Bytes of the distinct storages behind these caches (a shared tensor, a shared prefix's, counted once)."""
-    seen: dict[int, int] = {}
-    for kv in kvs:
-        if kv is None:
-            continue
-        for t in (*kv.keys, *kv.values, *(t for s in kv.shared for t in (*s.keys, *s.values))):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from pydantic import BaseModel
 
-from chatrt.cache.kv import KV
+from chatrt.cache.kv import KV, storage_bytes
 from chatrt.config import Config
 from chatrt.engine import runner, segments
 from chatrt.engine.compiled import CompiledSteps, compilable
@@ -86,7 +86,8 @@ def run(lm: LoadedModel, config: Config, *, rows: int = 16, shared_tokens: int =
     profiles = {name: StepProfile(
         how=name, step_ms=statistics.median(s for s, _ in timings[name]) * 1000,
         attention_ms=statistics.median(a for _, a in timings[name]) * 1000,
-        kv_bytes=_distinct_bytes(caches[name]),
+        kv_bytes=storage_bytes(t for cache in caches[name] for layer in cache.layers
+                               for t in (layer.keys, layer.values, *(t for kv in layer.shared for t in kv))),
     ) for name in starts}  # fmt: skip
     length = shared_tokens + own_tokens + steps
     return SharedReport(
@@ -109,14 +110,6 @@ def _prefilled(lm: LoadedModel, ids: list[int], compiled: CompiledSteps | None):
 def _copy(kv: KV) -> KV:
     return KV(kv.ids, tuple(k.clone() for k in kv.keys), tuple(v.clone() for v in kv.values))
 
-
-def _distinct_bytes(caches) -> int:  # type: ignore[no-untyped-def]
-    seen: dict[int, int] = {}
-    for cache in caches:
-        for layer in cache.layers:
-            for t in (layer.keys, layer.values, *(t for kv in layer.shared for t in kv)):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 @contextlib.contextmanager

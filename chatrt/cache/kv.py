@@ -5,6 +5,7 @@ Longest-common-prefix match, crop, byte size, moves between devices, safetensors
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,10 @@ class KV:
     @property
     def device(self) -> torch.device:
         return self.keys[0].device
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor it holds or references: its own keys and values, and its shared segments'."""
+        return (*self.keys, *self.values, *(t for s in self.shared for t in (*s.keys, *s.values)))
 
     def own(self) -> KV:
         """The own tensors as a flat KV of their ids."""
@@ -195,6 +200,13 @@ class GrowingLayer(DynamicLayer):
         keys = torch.cat([*(k for k, _ in self.shared), self.keys], dim=-2)
         values = torch.cat([*(v for _, v in self.shared), self.values], dim=-2)
         return keys, values
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind these tensors: a storage shared by several (a shared prefix, views
+    of one room) is counted once, and whole (the room a KV grows in included)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
 
 
 def cache_layer(cache: DynamicCache, index: int) -> GrowingLayer:

@@ -357,9 +357,7 @@ class Tiers:
         try:
             meta = self.store.get_prefix(key)
             if meta is None or meta.ids != ids:
-                flat = KV(ids, (), (), kv.shared).flat()
-                self.store.put_prefix(key, *to_chunks(flat, self.fingerprint, self.config.redis_chunk_bytes,
-                                                      self.sealer))  # fmt: skip
+                self.store.put_prefix(key, *self.chunks(KV(ids, (), (), kv.shared).flat()))  # flat: no recursion
                 self.count(prefix_spills=1)
         except StoreUnavailable:
             with self._lock:
