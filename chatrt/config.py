@@ -61,6 +61,12 @@ class GenerationConfig(_Section):
     a negative seed is refused rather than silently wrapped (llama.cpp's -1 means "random": use None)."""
     stop: tuple[str, ...] = ()
     """Strings that end a reply; the reply is cut before them."""
+    json_schema: dict[str, Any] | None = None
+    """The reply is JSON valid under this schema, by constrained decoding (`{"type": "object"}`: any JSON object;
+    None: free text). A turn's `response_format` option sets it from a pydantic model class or OpenAI's object."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Report each generated token's log-probability and this many most likely alternatives at its step
+    (None: none). They are the model's own, before penalties, bias, temperature or a grammar."""
 
 
 class TurnOptions(TypedDict, total=False):
@@ -77,6 +83,10 @@ class TurnOptions(TypedDict, total=False):
     logit_bias: Mapping[int, float]
     seed: int | None
     stop: Sequence[str]
+    response_format: type[BaseModel] | Mapping[str, Any] | None
+    """A pydantic model class, a JSON schema, or OpenAI's response_format object: the reply is JSON that validates."""
+    json_schema: Mapping[str, Any] | None
+    logprobs: int | None
 
 
 # Names other APIs use for these options, and chatrt's.

@@ -12,6 +12,10 @@ class ConfigError(ChatrtError):
     """A configuration file, value or environment override is invalid."""
 
 
+class SchemaError(ConfigError):
+    """A turn's response_format cannot be followed: its JSON schema is invalid or uses what no grammar can."""
+
+
 class ModelLoadError(ChatrtError):
     """The model or its tokenizer could not be found or loaded."""
 

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ValidationError
 from chatrt.cache.reuse import Reuse, reuse
 from chatrt.cache.tiers import Checkout
 from chatrt.config import OTHER_NAMES, Config, GenerationConfig, TurnOptions
-from chatrt.engine import Generation, Request
+from chatrt.engine import Generation, Request, TokenLogprob
+from chatrt.engine.grammar import schema_of
 from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage
 from chatrt.stats import TurnStats
 from chatrt.template import Message, check_text
@@ -44,6 +45,9 @@ class Reply(BaseModel):
     token_ids: tuple[int, ...]
     """The ids the model generated for this reply (the end-of-turn token and a stop string's tokens excluded)."""
     stats: TurnStats
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """Each of `token_ids` with its log-probability and the most likely alternatives (when the turn asked for
+    `logprobs`)."""
 
 
 # -- the three kinds of turn: checked when asked for, planned when the turn starts -------------------------
@@ -83,6 +87,9 @@ def generation_params(config: Config, options: TurnOptions | dict[str, Any], voc
     for name in options:
         if name in OTHER_NAMES:
             raise ConfigError(f"unknown generation option {name!r}: chatrt calls it {OTHER_NAMES[name]!r}")
+    options = dict(options)
+    if "response_format" in options:
+        options["json_schema"] = schema_of(options.pop("response_format"))
     try:
         params = GenerationConfig.model_validate({**config.generation.model_dump(), **options})
     except ValidationError as e:
@@ -306,7 +313,8 @@ class Turn:
             kv_decision=r.taken.rejected or (r.taken.choice.reason if r.taken.choice else ""),
             dropped_turns=r.dropped,
         )
-        self.reply = Reply(text=gen.text, token_ids=ids, stats=stats)
+        logprobs = tuple(gen.logprobs) if gen.params.logprobs is not None else None
+        self.reply = Reply(text=gen.text, token_ids=ids, stats=stats, logprobs=logprobs)
         self.session.commit([*r.history, r.user, reply], stats, gen.kv)
 
 

@@ -16,6 +16,7 @@ from chatrt import ChatRuntime, Config
 from tests.conftest import live_keys, serve
 
 SYSTEM = "You are a helpful assistant. " * 40  # a long history makes cached_tokens the bulk of every prompt
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
 QUESTIONS = ["Hello there!", "What is the sea?", "And the sky?", "Tell me more.", "Thanks, bye."]
 
 
@@ -105,7 +106,14 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
         ({"model": "MODEL", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
          "tools"),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]}, 400, "tools"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],
+          "tool_choice": {"type": "function", "function": {"name": "other"}}}, 400, "tool_choice"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+         "tool_choice"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2, "session_id": "s"}, 400, "n"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 5}}, 400,
          "logit_bias"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}, 400,
@@ -143,7 +151,7 @@ def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, c
         assert error["code"] == "context_length_exceeded"
     if status == 400 and says not in ("context", "last message", "whole turns", "nope", "session id"):
         assert error["param"], error  # which parameter, as OpenAI says it
-    if says in ("n", "tools"):
+    if says in ("n", "tools", "tool_choice", "top_logprobs"):
         assert error["param"] == says and error["code"] == "unsupported_value"
 
 
@@ -192,6 +200,24 @@ def test_what_the_official_client_sends_is_accepted(server, client, tiny_lm):
     nulled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
               {"role": "user", "content": "ok"}]  # fmt: skip
     assert client.chat.completions.create(model="x", messages=nulled).choices[0].finish_reason  # accepted
+
+
+def test_n_choices_are_seeded_apart_and_each_goes_on_as_a_conversation(server, client, tiny_lm):
+    """n = 3, sampled with a seed: choice k is the Python API's reply with seed + k; a client that goes on with
+    any one of them continues the session that holds it (its whole history cached)."""
+    with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
+        replies = [rt.open_session("Be brief.").send(QUESTIONS[0], temperature=1.0, seed=7 + k) for k in range(3)]
+    want = [r.text for r in replies]
+    assert len(set(want)) > 1  # sampled apart
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[0]}]
+    reply = client.chat.completions.create(model="m", messages=messages, n=3, temperature=1.0, seed=7)
+    assert [c.message.content for c in reply.choices] == want and [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == sum(r.stats.generated_tokens for r in replies)  # the prompt counted once
+    assert reply.usage.prompt_tokens == replies[0].stats.prompt_tokens
+    for choice in reply.choices:
+        on = [*messages, {"role": "assistant", "content": choice.message.content}, {"role": "user", "content": "ok"}]
+        again = client.chat.completions.create(model="m", messages=on)
+        assert again.usage.prompt_tokens_details.cached_tokens > reply.usage.prompt_tokens  # its own session
 
 
 def test_penalties_and_logit_bias_are_honoured_as_the_python_api_does(server, client, tiny_lm):

@@ -5,8 +5,9 @@ A turn becomes a request: `Engine.submit(generation)` queues it; one thread runs
 the model once over every scheduled row → sample each row and deliver its piece.
 """
 
-from chatrt.engine.generation import GREEDY_BELOW, FinishReason, Generation, TextStream, sample
+from chatrt.engine.generation import GREEDY_BELOW, FinishReason, Generation, Piece, TextStream, TokenLogprob, sample
 from chatrt.engine.loop import Engine, Request
 from chatrt.engine.runner import forward
 
-__all__ = ["GREEDY_BELOW", "Engine", "FinishReason", "Generation", "Request", "TextStream", "forward", "sample"]
+__all__ = ["GREEDY_BELOW", "Engine", "FinishReason", "Generation", "Piece", "Request", "TextStream", "TokenLogprob",
+           "forward", "sample"]

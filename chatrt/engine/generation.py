@@ -18,10 +18,33 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from chatrt.cache.kv import KV, new_cache
 from chatrt.config import GREEDY_BELOW, GenerationConfig
+from chatrt.engine.grammar import Constraint, compile_schema
 from chatrt.model import LoadedModel
 from chatrt.template import decode
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens at its step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token, log-probability), most likely first."""
+
+
+class Piece(str):
+    """A piece of a reply that asked for logprobs: its text, carrying the tokens that spell it (since the last
+    piece) with their log-probabilities."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...]) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
 
 
 def sample(
@@ -57,6 +80,14 @@ def sample(
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the logits ([V]) and the `top` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 class TextStream:
@@ -165,6 +196,10 @@ class Generation:
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None  # [V]: how often the reply holds each token (frequency, presence)
+    _constraint: Constraint | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Each reply token's log-probability, when the params ask for them."""
+    _told: int = 0  # reply tokens whose logprobs went out with a piece
     _ended: bool = False
 
     def begin(self) -> None:
@@ -179,6 +214,9 @@ class Generation:
         self._stream = TextStream(self.lm.tokenizer, self.params.stop)
         if self.params.seed is not None:
             self._generator = torch.Generator(device=self.lm.device).manual_seed(self.params.seed)
+        if self.params.json_schema is not None and not self.prefill_only:
+            self._constraint = Constraint(compile_schema(self.params.json_schema), self.lm.tokenizer,
+                                          self.lm.info.vocab_size, self.lm.stop_ids)  # fmt: skip
         self._t0 = time.perf_counter()
 
     # -- what the engine schedules and runs ----------------------------------------------------------
@@ -223,11 +261,16 @@ class Generation:
                 self._seen[torch.tensor(self.fed, device=logits.device)] = True
             if p.frequency_penalty or p.presence_penalty:
                 self._counts = torch.zeros_like(logits)
-        token = sample(logits, p, self._generator, self._seen, self._counts)
+        allowed = self._constraint.mask(logits) if self._constraint is not None else logits
+        token = sample(allowed, p, self._generator, self._seen, self._counts)
         if not self.token_ids:
             self.ttft_s = time.perf_counter() - self.started
         if token in self.lm.stop_ids:
-            return self.end("stop")
+            return self._piece(self.end("stop"))
+        if p.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, p.logprobs))
+        if self._constraint is not None:
+            self._constraint.feed(token)
         self.token_ids.append(token)
         if self._counts is not None:
             self._counts[token] += 1
@@ -236,14 +279,22 @@ class Generation:
             self.marks.append((stream.emitted, len(self.token_ids)))
         if stream.stopped:  # the tokens that spell the stop string are not the reply's, nor its cache's
             del self.token_ids[stream.kept_tokens() :]
+            del self.logprobs[len(self.token_ids) :]
             rest = self.end("stop_string")
             if self.kv is not None:
                 self.kv = self.kv.crop(min(len(self.kv), self.prompt_len + len(self.token_ids)))
-            return piece + rest
+            return self._piece(piece + rest)
         if len(self.token_ids) >= p.max_new_tokens:
-            return piece + self.end("length")
+            return self._piece(piece + self.end("length"))
         self.next_token = token
-        return piece
+        return self._piece(piece)
+
+    def _piece(self, text: str) -> str:
+        """The text handed out, carrying its tokens' logprobs when the reply asks for them."""
+        if self.params.logprobs is None or not text:
+            return text
+        told, self._told = self._told, len(self.logprobs)
+        return Piece(text, tuple(self.logprobs[told:]))
 
     def advance(self) -> None:
         """`next_token` was fed: the cache holds it now."""
@@ -285,6 +336,7 @@ class Generation:
         self.text, self.finish_reason = self.text[:chars], "cancelled"
         tokens = next(t for c, t in self.marks if c == chars)
         self.token_ids = self.token_ids[:tokens]
+        del self.logprobs[tokens:]
         if self.kv is not None:  # a view: the tokens after the cut are no longer part of this session's cache
             self.kv = self.kv.crop(self.prompt_len + tokens)
 

@@ -246,7 +246,13 @@ class Engine:
                     continue
             else:
                 gen.advance()
-            if piece := gen.accept(row_logits):
+            try:
+                piece = gen.accept(row_logits)
+            except Exception as e:  # this row's sampling failed (its grammar): the others go on
+                request.put(e)
+                self._end(request)
+                continue
+            if piece:
                 request.put(piece)
             if gen.done:
                 self._end(request)

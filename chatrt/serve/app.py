@@ -32,12 +32,14 @@ from starlette.requests import ClientDisconnect
 
 from chatrt.async_runtime import AsyncChatRuntime
 from chatrt.config import ServeConfig
+from chatrt.engine import Piece
 from chatrt.errors import (
     ChatrtError,
     ConfigError,
     ContextLengthError,
     InvalidMessage,
     RuntimeClosed,
+    SchemaError,
     SessionBusy,
     SessionClosed,
     SessionConflict,
@@ -50,6 +52,7 @@ from chatrt.runtime import check_session_id
 from chatrt.serve import wire
 from chatrt.serve.stateless import Conversations, digest
 from chatrt.serve.tenants import Tenant, Tenants
+from chatrt.serve.tools import ToolRequestError
 from chatrt.session import Session
 from chatrt.stats import TurnStats
 from chatrt.template import Message
@@ -85,6 +88,8 @@ def http_error(e: ChatrtError) -> HTTPError:
     message = str(e)
     if isinstance(e, ContextLengthError):
         return HTTPError(400, message, "invalid_request_error", "context_length_exceeded")
+    if isinstance(e, SchemaError):
+        return HTTPError(400, message, "invalid_request_error", "invalid_value", param="response_format")
     if isinstance(e, InvalidMessage | ConfigError):
         return HTTPError(400, message, "invalid_request_error")
     if isinstance(e, SessionNotFound | SessionClosed):
@@ -171,27 +176,37 @@ class Server:
 
     # -- which session answers -------------------------------------------------------------------
 
-    async def open_turn(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, AsyncTurn]:
-        """The turn that answers this request, not begun yet. Found or opened on a worker thread, as a task of
-        its own: a client that leaves meanwhile still has its turn finished (a stateless session given back)."""
-        opening = asyncio.ensure_future(asyncio.to_thread(self._open_turn, req, header, tenant))
+    async def open_turns(self, req: wire.ChatRequest, header: str | None,
+                         tenant: Tenant) -> list[tuple[Session, AsyncTurn]]:  # fmt: skip
+        """The turns that answer this request (one per choice), not begun yet. Found or opened on a worker thread,
+        as a task of its own: a client that leaves meanwhile still has its turns finished (stateless sessions
+        given back)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_turns, req, header, tenant))
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
             opening.add_done_callback(_abandon)
             raise
 
-    def _open_turn(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, AsyncTurn]:
+    def _open_turns(self, req: wire.ChatRequest, header: str | None,
+                    tenant: Tenant) -> list[tuple[Session, AsyncTurn]]:  # fmt: skip
+        """Choice 0 is answered by the session that holds the conversation; each other choice by a fork of it,
+        which references its cache and goes on as a conversation of its own."""
         session, text, scope = self.resolve(req, header, tenant)
+        sessions, turns = [session], []
         try:
-            turn = session.stream(text, **req.options())
+            sessions += [self.fork(tenant, session, None) for _ in range(1, req.n or 1)]
+            for k, s in enumerate(sessions):
+                turns.append(s.stream(text, **req.options(choice=k)))
         except BaseException:
             if scope is not None:
-                self.give_back(scope, session, session.messages)
+                for s in sessions:
+                    self.give_back(scope, s, s.messages)
             raise
-        if scope is not None:  # indexed again once the turn has finished, under what it recorded
-            turn.add_done_callback(lambda t: self.give_back(scope, session, t.transcript))
-        return session, AsyncTurn(turn)
+        for s, turn in zip(sessions, turns, strict=True):
+            if scope is not None:  # indexed again once the turn has finished, under what it recorded
+                turn.add_done_callback(lambda t, s=s: self.give_back(scope, s, t.transcript))
+        return [(s, AsyncTurn(turn)) for s, turn in zip(sessions, turns, strict=True)]
 
     def resolve(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, str, str | None]:
         """The session of `tenant` that answers this request, the user message to send it, and for a stateless
@@ -280,36 +295,46 @@ class Server:
 
     # -- replies out -------------------------------------------------------------------------------
 
-    async def complete(self, session: Session, turn: AsyncTurn, tenant: Tenant) -> wire.ChatCompletion:
-        reply = await turn.result()
+    async def complete(self, answers: list[tuple[Session, AsyncTurn]], req: wire.ChatRequest,
+                       tenant: Tenant) -> wire.ChatCompletion:  # fmt: skip
+        """The whole reply, one choice per turn (they run together, batched by the engine)."""
+        replies, tool = await asyncio.gather(*(turn.result() for _, turn in answers)), req.forced_tool()
+        choices = []
+        for k, reply in enumerate(replies):
+            calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
+            choices.append(wire.Choice(
+                index=k,
+                message=wire.ReplyMessage(content=None if calls else reply.text, tool_calls=calls),
+                finish_reason=wire.finish_reason(reply.stats.finish_reason, calls, tool),
+                logprobs=wire.choice_logprobs(self.rt.lm.tokenizer, reply.logprobs),
+            ))  # fmt: skip
+        first = replies[0].stats
         return wire.ChatCompletion(
             id=wire.completion_id(),
             created=wire.now(),
             model=self.model_id,
-            choices=[
-                wire.Choice(
-                    message=wire.ReplyMessage(content=reply.text),
-                    finish_reason=wire.finish_reason(reply.stats.finish_reason),
-                )
-            ],
-            usage=usage(reply.stats),
-            session_id=tenant.external(session.id),
-            chatrt=wire.TurnInfo.model_validate(reply.stats.model_dump()),
+            choices=choices,
+            usage=usage(first, sum(r.stats.generated_tokens for r in replies)),
+            session_id=tenant.external(answers[0][0].id),
+            chatrt=wire.TurnInfo.model_validate(first.model_dump()),
         )
 
     async def stream(self, session: Session, turn: AsyncTurn, req: wire.ChatRequest,
                      tenant: Tenant) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         """The reply as SSE events. The turn begins (and a bad request fails with its status) before the response
-        does; a client that disconnects stops the turn, which keeps what was sent as the reply."""
+        does; a client that disconnects stops the turn, which keeps what was sent as the reply. A forced tool
+        call goes out whole, in one delta at the end."""
         try:
             first = await anext(turn, None)
         except BaseException:
             await turn.aclose()
             raise
-        cid, created = wire.completion_id(), wire.now()
+        cid, created, tool = wire.completion_id(), wire.now(), req.forced_tool()
 
-        def chunk(delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> dict[str, str]:
-            choices = [wire.ChunkChoice(delta=delta, finish_reason=finish)] if use is None else []
+        def chunk(delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None,
+                  piece: str = "") -> dict[str, str]:  # fmt: skip
+            logprobs = wire.choice_logprobs(self.rt.lm.tokenizer, piece.logprobs) if isinstance(piece, Piece) else None
+            choices = [wire.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if use is None else []
             body = wire.ChatCompletionChunk(id=cid, created=created, model=self.model_id, choices=choices,
                                             usage=use, session_id=tenant.external(session.id))  # fmt: skip
             return {"data": body.model_dump_json(exclude_none=use is None)}
@@ -318,11 +343,19 @@ class Server:
             try:
                 yield chunk(wire.Delta(role="assistant", content=""))
                 if first is not None:
-                    yield chunk(wire.Delta(content=first))
+                    if tool is None:
+                        yield chunk(wire.Delta(content=first), piece=first)
                     async for piece in turn:
-                        yield chunk(wire.Delta(content=piece))
+                        if tool is None:
+                            yield chunk(wire.Delta(content=piece), piece=piece)
                 reply = await turn.result()  # finished: the recorded reply and its stats
-                yield chunk(wire.Delta(), wire.finish_reason(reply.stats.finish_reason))
+                calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
+                if calls:
+                    deltas = [wire.DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)]
+                    yield chunk(wire.Delta(tool_calls=deltas))
+                elif tool is not None and reply.text:  # cut short: the text after all
+                    yield chunk(wire.Delta(content=reply.text))
+                yield chunk(wire.Delta(), wire.finish_reason(reply.stats.finish_reason, calls, tool))
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield chunk(wire.Delta(), use=usage(reply.stats))
                 yield {"data": "[DONE]"}
@@ -345,23 +378,25 @@ async def expire_idle(server: Server) -> None:
             log.exception("closing idle sessions failed")
 
 
-def _abandon(opening: asyncio.Future[tuple[Session, AsyncTurn]]) -> None:
-    """A turn opened for a client that left before it was handed over: finish it unread (its session given
-    back), on a task of its own."""
+def _abandon(opening: asyncio.Future[list[tuple[Session, AsyncTurn]]]) -> None:
+    """Turns opened for a client that left before they were handed over: finish them unread (their sessions
+    given back), on tasks of their own."""
     if not opening.cancelled() and opening.exception() is None:
-        _, turn = opening.result()
-        _background.add(task := asyncio.ensure_future(turn.aclose()))
-        task.add_done_callback(_background.discard)
+        for _, turn in opening.result():
+            _background.add(task := asyncio.ensure_future(turn.aclose()))
+            task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Future[None]] = set()  # tasks nobody awaits, kept referenced until done
 
 
-def usage(turn: TurnStats) -> wire.Usage:
+def usage(turn: TurnStats, generated: int | None = None) -> wire.Usage:
+    """The turn's usage; `generated`: the tokens of all choices (the prompt is counted once, as OpenAI does)."""
+    generated = turn.generated_tokens if generated is None else generated
     return wire.Usage(
         prompt_tokens=turn.prompt_tokens,
-        completion_tokens=turn.generated_tokens,
-        total_tokens=turn.prompt_tokens + turn.generated_tokens,
+        completion_tokens=generated,
+        total_tokens=turn.prompt_tokens + generated,
         prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=turn.reused_tokens),
     )
 
@@ -518,19 +553,38 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         if unsupported := req.unsupported(server.rt.lm.info.vocab_size):
             param, message = unsupported
             raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
+        try:
+            req.forced_tool()
+        except ToolRequestError as e:
+            raise HTTPError(400, str(e), "invalid_request_error", "unsupported_value", param=e.param) from None
         header = request.headers.get(SESSION_HEADER)
+        if (req.n or 1) > 1 and (header or req.session_id or req.stream):
+            why = "a session holds one conversation" if not req.stream else "streamed choices are not interleaved"
+            raise HTTPError(400, f"n > 1 is for whole (not streamed) stateless requests: {why}; each choice goes "
+                            "on as a session of its own", "invalid_request_error", "unsupported_value",
+                            param="n")  # fmt: skip
         server.admit(tenant)
         try:
-            session, turn = await server.open_turn(req, header, tenant)
+            answers = await server.open_turns(req, header, tenant)
         except BaseException:
             server.release(tenant)
             raise
-        turn.sync.add_done_callback(lambda _: server.release(tenant))  # counted out once its turn has finished
+        left = [len(answers)]
+
+        def finished(_: object) -> None:  # counted out once all its turns have finished
+            left[0] -= 1
+            if not left[0]:
+                server.release(tenant)
+
+        for _, t in answers:
+            t.sync.add_done_callback(finished)
         if not req.stream:
             try:
-                return (await server.complete(session, turn, tenant)).model_dump()
+                return (await server.complete(answers, req, tenant)).model_dump()
             finally:
-                await turn.aclose()
+                for _, t in answers:
+                    await t.aclose()
+        session, turn = answers[0]
         events = await server.stream(session, turn, req, tenant)
         # The background task runs after the response, however it ended: also when the client left before the
         # stream was ever iterated (then the events' own finally never runs).

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import PreTrainedTokenizerBase
 
-from chatrt.engine import FinishReason
+from chatrt.engine import FinishReason, TokenLogprob
+from chatrt.serve import tools
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 StopString = Annotated[str, Field(min_length=1)]
@@ -115,21 +118,30 @@ class ChatRequest(BaseModel):
     def unsupported(self, vocab_size: int) -> tuple[str, str] | None:
         """The first parameter set to a value chatrt does not honour (yet), and why: (param, message)."""
         checks = [
-            ("n", (self.n or 1) > 1, "n > 1: ask once per reply"),
             ("logit_bias", not all(k.isdigit() and int(k) < vocab_size and -100 <= v <= 100
                                    for k, v in (self.logit_bias or {}).items()),
              f"logit_bias other than the model's token ids (0 to {vocab_size - 1}, as strings) with biases from -100 "
              "to 100"),
-            ("logprobs", bool(self.logprobs) or bool(self.top_logprobs), "logprobs"),
-            ("response_format", self.response_format is not None and self.response_format.type != "text",
-             "response_format other than text"),
-            ("tools", bool(self.tools), "tools: the served model's chat template takes none"),
-            ("tool_choice", self.tool_choice not in (None, "none", "auto"), "tool_choice other than none or auto"),
+            ("top_logprobs", self.top_logprobs is not None and not self.logprobs,
+             "top_logprobs without logprobs: true"),
         ]  # fmt: skip
         return next(((param, f"{why} is not supported") for param, bad, why in checks if bad), None)
 
-    def options(self) -> dict[str, Any]:
-        """The chatrt turn options this request sets."""
+    def forced_tool(self) -> tools.ForcedTool | None:
+        """The tool call this request forces (None: a text reply); raises ToolRequestError."""
+        return tools.forced(self.tools, self.tool_choice)
+
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must follow, as chatrt's `response_format` option takes it (None: text)."""
+        if (tool := self.forced_tool()) is not None:
+            return {"type": "json_schema", "json_schema": {"schema": tool.schema}}
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        return self.response_format.model_dump(exclude_none=True)
+
+    def options(self, choice: int = 0) -> dict[str, Any]:
+        """The chatrt turn options this request sets, for its `choice`-th choice (with a seed, each choice is
+        seeded apart: seed + choice)."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         values = {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
@@ -140,8 +152,10 @@ class ChatRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
             "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            "seed": self.seed,
+            "seed": self.seed + choice if self.seed is not None else None,
             "stop": tuple(stop) if stop is not None else None,
+            "response_format": self.response_schema(),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -175,15 +189,76 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as JSON text."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class ReplyMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+def tool_calls(tool: tools.ForcedTool | None, text: str, reason: FinishReason) -> list[ToolCall] | None:
+    """The calls a forced tool's reply makes (None: no tool was forced, or the reply ran out of tokens before its
+    arguments were whole: then it goes back as text, finish_reason "length")."""
+    if tool is None or reason == "length":
+        return None
+    return [ToolCall(id=tools.call_id(), function=FunctionCall(name=name, arguments=arguments))
+            for name, arguments in tool.calls(text)]  # fmt: skip
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ContentLogprob]
+    refusal: None = None
+
+
+def choice_logprobs(tokenizer: PreTrainedTokenizerBase, entries: Sequence[TokenLogprob] | None) -> (
+    ChoiceLogprobs | None
+):
+    """OpenAI's logprobs of a choice (or a chunk): each token's text and UTF-8 bytes, its log-probability, and
+    the most likely tokens at its step."""
+    if entries is None:
+        return None
+
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = tokenizer.decode([token])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8", "replace")))
+
+    return ChoiceLogprobs(content=[
+        ContentLogprob(**top(e.token, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top])
+        for e in entries
+    ])  # fmt: skip
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ReplyMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
 
 
 class TurnInfo(BaseModel):
@@ -212,12 +287,14 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -261,7 +338,11 @@ def now() -> int:
     return int(time.time())
 
 
-def finish_reason(reason: FinishReason) -> str:
+def finish_reason(reason: FinishReason, calls: list[ToolCall] | None = None,
+                  tool: tools.ForcedTool | None = None) -> str:  # fmt: skip
     """OpenAI's names: a stop token or string is "stop", the token limit "length"; a reply stopped by its
-    client never reaches it."""
+    client never reaches it. A call of a function the client named ends with "stop" (as OpenAI's does), one the
+    model chose with "tool_calls"."""
+    if calls and tool is not None and tool.name is None:
+        return "tool_calls"
     return "length" if reason == "length" else "stop"
