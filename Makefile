@@ -9,12 +9,12 @@ OLDEST := $(VENV)/transformers-5.17
 EXACTNESS := tests/test_engine.py tests/test_kv.py tests/test_model.py tests/test_session.py tests/test_template.py \
   tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py
 
-.PHONY: chat test lint bench screenshot redis-server
+.PHONY: chat test lint bench screenshot services
 
 chat: $(STAMP)
 	$(VENV)/bin/chatrt chat
 
-test: $(STAMP) redis-server $(OLDEST)/.installed
+test: $(STAMP) services $(OLDEST)/.installed
 	$(PY) -m ruff check chatrt tui tests scripts
 	$(PY) -m pytest
 	@echo "The exactness tests again, on the oldest transformers chatrt supports ($(OLDEST)):"
@@ -42,8 +42,9 @@ $(OLDEST)/.installed: $(STAMP)
 	  httpx==0.28.1 httpcore==1.0.9 hf-xet==1.8.0
 	touch $@
 
-# The tests start their own redis-server on a free loopback port; this only makes sure the binary exists.
-redis-server:
-	@command -v redis-server >/dev/null || { \
+# The tests start their own redis-server and haproxy (deploy/haproxy.cfg) on free loopback ports; this only makes
+# sure the binaries exist.
+services:
+	@command -v redis-server >/dev/null && command -v haproxy >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server haproxy >/dev/null; }

@@ -43,7 +43,8 @@ class WireMessage(BaseModel):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls or self.function_call is not None:
-            raise ValueError("tool calls in the history: this server runs no tools for the served model")
+            raise ValueError("tool calls sent back in the history are not supported: the served model's chat template "
+                             "takes no tools; send the tool's result as a user message")  # fmt: skip
         if self.audio is not None:
             raise ValueError("audio is not supported: send text")
         return self
