@@ -63,6 +63,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+g", "settings", "Settings", priority=True),
         Binding("ctrl+s", "export", "Export", show=False, priority=True),
     ]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (180, "-wide")]  # narrower side panels below 180 columns
     show_stats: reactive[bool] = reactive(True, init=False)
 
     def __init__(

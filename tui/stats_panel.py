@@ -13,7 +13,8 @@ from chatrt.stats import RuntimeStats
 from tui.conversation import Conversation
 from tui.sidebar import human_bytes
 
-TURN_COLUMNS = ("#", "prompt", "reused", "prefill", "TTFT", "tok/s", "KV from")
+TURN_COLUMNS = ("#", "reused", "TTFT", "KV from", "prompt", "prefill", "tok/s")
+"""What the cache did first: in a narrow panel the rest is a scroll away."""
 
 
 class StatsPanel(VerticalScroll):
@@ -39,8 +40,8 @@ class StatsPanel(VerticalScroll):
             table.clear()
             for n, t in enumerate(conversation.turns, 1):
                 table.add_row(
-                    str(n), str(t.prompt_tokens), str(t.reused_tokens), str(t.prefilled_tokens),
-                    f"{t.ttft_s * 1000:.0f} ms", f"{t.decode_tokens_per_s:.1f}", source(t.kv_source),
+                    str(n), str(t.reused_tokens), f"{t.ttft_s * 1000:.0f} ms", source(t.kv_source),
+                    str(t.prompt_tokens), str(t.prefilled_tokens), f"{t.decode_tokens_per_s:.1f}",
                 )  # fmt: skip
             table.scroll_end(animate=False)
         self.query_one("#runtime", Static).update(runtime_table(stats))

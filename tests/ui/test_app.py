@@ -76,10 +76,10 @@ async def test_the_stats_panel_shows_each_turn_and_the_second_reuses_the_first(r
         await say(pilot, "Why does it help?")
         screen = pilot.app.screen
         first, second = turn_rows(screen)
-        assert first[:4] == ["1", str(conversation.turns[0].prompt_tokens), "0", first[1]]
-        assert second[0] == "2" and int(second[2]) == conversation.turns[1].reused_tokens > 0
-        assert int(second[1]) == int(second[2]) + int(second[3])  # prompt = reused + prefilled
-        assert second[6] == "device"
+        assert first[:2] == ["1", "0"] and first[4] == first[5] == str(conversation.turns[0].prompt_tokens)
+        assert second[0] == "2" and int(second[1]) == conversation.turns[1].reused_tokens > 0
+        assert int(second[4]) == int(second[1]) + int(second[5])  # prompt = reused + prefilled
+        assert second[3] == "device"
         heading = str(screen.query_one("#session-heading").render())
         assert "2 turns" in heading and "device" in heading
         shown = text_of(screen.query_one("#runtime").content)
@@ -307,7 +307,7 @@ async def test_chat_on_the_bundled_model_is_exact_and_reuses_the_history(bundled
         prompt = session.template.render(session.transcript[:-1])
         assert session.messages[-1].token_ids == reference_reply(session.model, prompt, 24, use_cache=True)
         assert bubbles(conversation) == transcript(conversation)
-        assert turn_rows(pilot.app.screen)[1][2] == str(second.reused_tokens)
+        assert turn_rows(pilot.app.screen)[1][1] == str(second.reused_tokens)
 
 
 async def test_a_new_chat_starts_from_the_chat_preset_and_the_settings_offer_exact(runtime):
@@ -455,3 +455,16 @@ async def test_regenerate_at_temperature_zero_samples_and_says_why(runtime):
         item = pilot.app.screen.query_one(SessionItem)
         item.sync()
         assert str(item.turns_label.render()) == "1 turn"  # a regenerated reply is not a new turn
+
+
+@pytest.mark.parametrize(("columns", "at_least"), [(120, 50), (140, 70), (200, 90)])
+async def test_the_conversation_stays_readable_beside_the_sidebar_and_stats(runtime, columns, at_least):
+    """A reply's bubble keeps `at_least` characters a line with the sidebar and the stats panel both shown."""
+    async with chat_app(runtime).run_test(size=(columns, 40)) as pilot:
+        conversation = await say(pilot, "What is a cache?")
+        screen = pilot.app.screen
+        assert screen.query_one("#sidebar").display and screen.query_one(StatsPanel).display
+        assert all(b.content_region.width >= at_least for b in conversation.query(Bubble)), columns
+        assert "KV from" in [str(c.label) for c in screen.query_one("#turns").columns.values()]
+        turns = screen.query_one("#turns")
+        assert turns.region.width <= screen.query_one(StatsPanel).region.width  # the table stays in its panel
