@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "and shared by reference: the decode step's time and its attention's",
     )
     b.add_argument("--shared-tokens", type=int, default=400, help="the shared prompt's tokens (default: 400)")
+    b.add_argument(
+        "--structured",
+        type=int,
+        help="instead of the modes: this many sessions answering at once, freely and each under a JSON schema: "
+        "decode tokens/s of each, the grammar's time per token, and how many replies validate",
+    )
     b.add_argument("--out", default="bench-out", help="folder for report.json and ttft.png")
     stats = command(
         "stats",
@@ -324,6 +330,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_concurrent(args)
     if args.shared:
         return _bench_shared(args)
+    if args.structured:
+        return _bench_structured(args)
     _needs("bench", "matplotlib", "redis")
     from chatrt.bench import plot as bench_plot
     from chatrt.bench import reuse as bench
@@ -383,6 +391,27 @@ def _bench_shared(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"attention time saved: {report.attention_saved:.0%} (KV reads saved: {report.reads_saved:.0%}) · "
                   f"report: {out / 'shared.json'}")  # fmt: skip
+    return 0
+
+
+def _bench_structured(args: argparse.Namespace) -> int:
+    from chatrt.bench import structured as bench_structured
+
+    rt = _runtime(args)
+    with console.status(f"{args.structured} sessions answering at once, free and under JSON schemas…"):
+        report = bench_structured.run(rt, rows=args.structured)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "structured.json").write_text(report.model_dump_json(indent=2))
+    table = Table(title=f"{report.model} · {report.dtype} · {report.device} · {report.rows} sessions at once · "
+                  f"{report.rounds} rounds each way, alternating")  # fmt: skip
+    for col in ("replies", "decode tok/s", "grammar per token", "valid JSON"):
+        table.add_column(col, justify="right")
+    for w in (report.free, report.constrained):
+        valid = f"{w.valid}/{w.replies}" if w.how == "schema" else "-"
+        table.add_row(w.how, f"{w.tokens_per_s:.1f}", f"{w.mask_ms_per_token:.2f} ms", valid)
+    console.print(table)
+    console.print(f"report: {out / 'structured.json'}")
     return 0
 
 

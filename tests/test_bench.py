@@ -161,3 +161,12 @@ def test_the_shared_prompt_bench_profiles_both_ways_of_holding_it(tiny_lm):
     assert r.copied.kv_bytes - r.shared.kv_bytes == 3 * 64 * per_token  # the prompt held once instead of 4 times
     assert 0 < r.shared.attention_ms < r.shared.step_ms and 0 < r.copied.attention_ms < r.copied.step_ms
     assert r.reads_saved == 1 - (64 + 4 * 12) / (4 * 76)
+
+
+def test_the_structured_bench_times_free_and_constrained_rounds(runtime):
+    from chatrt.bench import structured
+
+    r = structured.run(runtime, rows=4, rounds=1, max_new_tokens=40)
+    assert r.free.replies == r.constrained.replies == 4 and r.free.valid == 0  # free replies are not counted
+    assert r.free.mask_ms_per_token == 0 < r.constrained.mask_ms_per_token  # only constrained rows ask a grammar
+    assert r.free.tokens_per_s > 0 and r.constrained.tokens_per_s > 0

@@ -88,7 +88,8 @@ def test_turn_options_type_every_generation_option():
 
     from chatrt.config import GenerationConfig, TurnOptions
 
-    assert set(get_type_hints(TurnOptions)) == set(GenerationConfig.model_fields)
+    # response_format is the turn's way to set json_schema (from a model class or OpenAI's object)
+    assert set(get_type_hints(TurnOptions)) == {*GenerationConfig.model_fields, "response_format"}
 
 
 @pytest.mark.parametrize(
