@@ -405,11 +405,12 @@ def _bench_structured(args: argparse.Namespace) -> int:
     (out / "structured.json").write_text(report.model_dump_json(indent=2))
     table = Table(title=f"{report.model} · {report.dtype} · {report.device} · {report.rows} sessions at once · "
                   f"{report.rounds} rounds each way, alternating")  # fmt: skip
-    for col in ("replies", "decode tok/s", "grammar per token", "valid JSON"):
+    for col in ("replies", "tok/s, all", "tok/s, each", "grammar per token", "valid JSON"):
         table.add_column(col, justify="right")
     for w in (report.free, report.constrained):
         valid = f"{w.valid}/{w.replies}" if w.how == "schema" else "-"
-        table.add_row(w.how, f"{w.tokens_per_s:.1f}", f"{w.mask_ms_per_token:.2f} ms", valid)
+        table.add_row(w.how, f"{w.tokens_per_s:.1f}", f"{w.session_tokens_per_s:.1f}", f"{w.mask_ms_per_token:.2f} ms",
+                      valid)  # fmt: skip
     console.print(table)
     console.print(f"report: {out / 'structured.json'}")
     return 0

@@ -41,7 +41,10 @@ class Way(BaseModel):
     how: str
     """'free' or 'schema' (each row its own)."""
     tokens_per_s: float
-    """Generated tokens of all rows / the wall time of the round, median over rounds."""
+    """Generated tokens of all rows / the wall time of the round, median over rounds (constrained replies are
+    shorter, so prefill weighs more in theirs)."""
+    session_tokens_per_s: float
+    """Each reply's own decode rate (its TurnStats), median over replies: the step time its rows saw."""
     mask_ms_per_token: float
     """Time in the grammar (masks and following tokens) per generated token (0 when free)."""
     valid: int
@@ -60,19 +63,20 @@ class StructuredReport(BaseModel):
     constrained: Way
 
 
-def run(rt: ChatRuntime, *, rows: int = 8, rounds: int = 3, max_new_tokens: int = 96) -> StructuredReport:
+def run(rt: ChatRuntime, *, rows: int = 8, rounds: int = 3, max_new_tokens: int = 128) -> StructuredReport:
     """`rounds` times: `rows` sessions answer at once freely, then the same with a schema each."""
     jobs = [(ASKS[k % len(ASKS)].format(PLACES[k % len(PLACES)]), SCHEMAS[k % len(SCHEMAS)]) for k in range(rows)]
     seen: dict[str, list[tuple[float, float, int, int, int]]] = {"free": [], "schema": []}
+    rates: dict[str, list[float]] = {"free": [], "schema": []}
 
-    def answer(job: tuple[str, dict[str, Any] | None]) -> tuple[int, bool]:
+    def answer(job: tuple[str, dict[str, Any] | None]) -> tuple[int, bool, float]:
         text, schema = job
         session = rt.open_session("You answer in JSON.")
         try:
             reply = session.send(text, max_new_tokens=max_new_tokens, json_schema=schema)
         finally:
             session.close()
-        return reply.stats.generated_tokens, schema is not None and _valid(reply.text)
+        return reply.stats.generated_tokens, schema is not None and _valid(reply.text), reply.stats.decode_tokens_per_s
 
     with ThreadPoolExecutor(rows) as pool:
         list(pool.map(answer, [(t, None) for t, _ in jobs]))  # warm-up: the grammar's tokenizer table, the steps
@@ -83,9 +87,11 @@ def run(rt: ChatRuntime, *, rows: int = 8, rounds: int = 3, max_new_tokens: int 
                     t0 = time.perf_counter()
                     done = list(pool.map(answer, [(t, s if how == "schema" else None) for t, s in jobs]))
                     wall = time.perf_counter() - t0
-                tokens = sum(n for n, _ in done)
-                seen[how].append((tokens / wall, sum(spent), tokens, sum(ok for _, ok in done), len(done)))
+                tokens = sum(n for n, _, _ in done)
+                seen[how].append((tokens / wall, sum(spent), tokens, sum(ok for _, ok, _ in done), len(done)))
+                rates[how] += [rate for _, _, rate in done]
     ways = {how: Way(how=how, tokens_per_s=statistics.median(r[0] for r in runs),
+                     session_tokens_per_s=statistics.median(rates[how]),
                      mask_ms_per_token=sum(r[1] for r in runs) * 1000 / max(1, sum(r[2] for r in runs)),
                      valid=sum(r[3] for r in runs), replies=sum(r[4] for r in runs))
             for how, runs in seen.items()}  # fmt: skip
