@@ -112,7 +112,6 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
          "tool_choice"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
-        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2, "session_id": "s"}, 400, "n"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 5}}, 400,
          "logit_bias"),
@@ -203,8 +202,8 @@ def test_what_the_official_client_sends_is_accepted(server, client, tiny_lm):
 
 
 def test_n_choices_are_seeded_apart_and_each_goes_on_as_a_conversation(server, client, tiny_lm):
-    """n = 3, sampled with a seed: choice k is the Python API's reply with seed + k; a client that goes on with
-    any one of them continues the session that holds it (its whole history cached)."""
+    """n = 3, sampled with a seed: choice k is the Python API's reply with seed + k, whole or streamed; a client
+    that goes on with any one of them continues the session that holds it (its whole history cached)."""
     with ChatRuntime(tiny_lm, Config().with_values(generation={"max_new_tokens": 12})) as rt:
         replies = [rt.open_session("Be brief.").send(QUESTIONS[0], temperature=1.0, seed=7 + k) for k in range(3)]
     want = [r.text for r in replies]
@@ -214,6 +213,13 @@ def test_n_choices_are_seeded_apart_and_each_goes_on_as_a_conversation(server, c
     assert [c.message.content for c in reply.choices] == want and [c.index for c in reply.choices] == [0, 1, 2]
     assert reply.usage.completion_tokens == sum(r.stats.generated_tokens for r in replies)  # the prompt counted once
     assert reply.usage.prompt_tokens == replies[0].stats.prompt_tokens
+    chunks = list(client.chat.completions.create(model="m", messages=messages, n=3, temperature=1.0, seed=7,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+                for k in range(3)]  # fmt: skip
+    assert streamed == want  # interleaved, each under its index
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1, 2] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     for choice in reply.choices:
         on = [*messages, {"role": "assistant", "content": choice.message.content}, {"role": "user", "content": "ok"}]
         again = client.chat.completions.create(model="m", messages=on)

@@ -56,7 +56,7 @@ from chatrt.serve.tools import ToolRequestError
 from chatrt.session import Session
 from chatrt.stats import TurnStats
 from chatrt.template import Message
-from chatrt.turn import AsyncTurn
+from chatrt.turn import AsyncTurn, Reply
 
 M = TypeVar("M", bound=BaseModel)
 HIGH, LOW = r"\\u[dD][89abAB][0-9a-fA-F]{2}", r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # UTF-16 surrogate escapes
@@ -319,50 +319,72 @@ class Server:
             chatrt=wire.TurnInfo.model_validate(first.model_dump()),
         )
 
-    async def stream(self, session: Session, turn: AsyncTurn, req: wire.ChatRequest,
+    async def stream(self, answers: list[tuple[Session, AsyncTurn]], req: wire.ChatRequest,
                      tenant: Tenant) -> AsyncIterator[dict[str, str]]:  # fmt: skip
-        """The reply as SSE events. The turn begins (and a bad request fails with its status) before the response
-        does; a client that disconnects stops the turn, which keeps what was sent as the reply. A forced tool
-        call goes out whole, in one delta at the end."""
-        try:
-            first = await anext(turn, None)
-        except BaseException:
-            await turn.aclose()
-            raise
-        cid, created, tool = wire.completion_id(), wire.now(), req.forced_tool()
+        """The reply as SSE events, each choice's pieces as they come (`index` says whose). The turns begin (and
+        a bad request fails with its status) before the response does; a client that disconnects stops them,
+        and each keeps what was sent as its reply. A forced tool call goes out whole, in one delta at its end."""
+        turns = [turn for _, turn in answers]
+        firsts = await asyncio.gather(*(anext(turn, None) for turn in turns), return_exceptions=True)
+        if failed := next((f for f in firsts if isinstance(f, BaseException)), None):
+            for turn in turns:
+                await turn.aclose()
+            raise failed
+        cid, created, tool, session_id = wire.completion_id(), wire.now(), req.forced_tool(), answers[0][0].id
 
-        def chunk(delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None,
+        def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None,
                   piece: str = "") -> dict[str, str]:  # fmt: skip
             logprobs = wire.choice_logprobs(self.rt.lm.tokenizer, piece.logprobs) if isinstance(piece, Piece) else None
-            choices = [wire.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if use is None else []
+            choices = [] if use is not None else [
+                wire.ChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=logprobs)]  # fmt: skip
             body = wire.ChatCompletionChunk(id=cid, created=created, model=self.model_id, choices=choices,
-                                            usage=use, session_id=tenant.external(session.id))  # fmt: skip
+                                            usage=use, session_id=tenant.external(session_id))  # fmt: skip
             return {"data": body.model_dump_json(exclude_none=use is None)}
 
+        async def finish(k: int) -> tuple[Reply, list[dict[str, str]]]:
+            reply = await turns[k].result()  # finished: the recorded reply and its stats
+            calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
+            out = []
+            if calls:
+                deltas = [wire.DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)]
+                out.append(chunk(k, wire.Delta(tool_calls=deltas)))
+            elif tool is not None and reply.text:  # cut short: the text after all
+                out.append(chunk(k, wire.Delta(content=reply.text)))
+            out.append(chunk(k, wire.Delta(), wire.finish_reason(reply.stats.finish_reason, calls, tool)))
+            return reply, out
+
         async def events() -> AsyncIterator[dict[str, str]]:
+            reading: dict[asyncio.Future[str | None], int] = {}  # the next piece of each choice still going
             try:
-                yield chunk(wire.Delta(role="assistant", content=""))
-                if first is not None:
+                for k in range(len(turns)):
+                    yield chunk(k, wire.Delta(role="assistant", content=""))
+                replies: list[Reply] = []
+                arrived = [(k, first) for k, first in enumerate(firsts)]
+                while arrived or reading:
+                    if not arrived:
+                        done, _ = await asyncio.wait(reading, return_when=asyncio.FIRST_COMPLETED)
+                        arrived = [(reading.pop(task), task.result()) for task in done]
+                    k, piece = arrived.pop(0)
+                    if piece is None:  # this choice has ended
+                        reply, last = await finish(k)
+                        replies.append(reply)
+                        for event in last:
+                            yield event
+                        continue
                     if tool is None:
-                        yield chunk(wire.Delta(content=first), piece=first)
-                    async for piece in turn:
-                        if tool is None:
-                            yield chunk(wire.Delta(content=piece), piece=piece)
-                reply = await turn.result()  # finished: the recorded reply and its stats
-                calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
-                if calls:
-                    deltas = [wire.DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)]
-                    yield chunk(wire.Delta(tool_calls=deltas))
-                elif tool is not None and reply.text:  # cut short: the text after all
-                    yield chunk(wire.Delta(content=reply.text))
-                yield chunk(wire.Delta(), wire.finish_reason(reply.stats.finish_reason, calls, tool))
+                        yield chunk(k, wire.Delta(content=piece), piece=piece)
+                    reading[asyncio.ensure_future(anext(turns[k], None))] = k
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk(wire.Delta(), use=usage(reply.stats))
+                    yield chunk(0, wire.Delta(), use=usage(replies[0].stats, sum(r.stats.generated_tokens
+                                                                                 for r in replies)))  # fmt: skip
                 yield {"data": "[DONE]"}
             except ChatrtError as e:  # after the response started: the error is the stream's last event
                 yield {"data": http_error(e).body().model_dump_json()}
             finally:
-                await turn.aclose()  # a disconnect lands here: the turn finishes on its own task
+                for task in reading:
+                    task.cancel()
+                for turn in turns:
+                    await turn.aclose()  # a disconnect lands here: each turn finishes on its own task
 
         return events()
 
@@ -558,11 +580,10 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         except ToolRequestError as e:
             raise HTTPError(400, str(e), "invalid_request_error", "unsupported_value", param=e.param) from None
         header = request.headers.get(SESSION_HEADER)
-        if (req.n or 1) > 1 and (header or req.session_id or req.stream):
-            why = "a session holds one conversation" if not req.stream else "streamed choices are not interleaved"
-            raise HTTPError(400, f"n > 1 is for whole (not streamed) stateless requests: {why}; each choice goes "
-                            "on as a session of its own", "invalid_request_error", "unsupported_value",
-                            param="n")  # fmt: skip
+        if (req.n or 1) > 1 and (header or req.session_id):
+            raise HTTPError(400, "n > 1 is for stateless requests (each choice goes on as a session of its own): a "
+                            "session holds one conversation; ask it once per reply", "invalid_request_error",
+                            "unsupported_value", param="n")  # fmt: skip
         server.admit(tenant)
         try:
             answers = await server.open_turns(req, header, tenant)
@@ -584,11 +605,15 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             finally:
                 for _, t in answers:
                     await t.aclose()
-        session, turn = answers[0]
-        events = await server.stream(session, turn, req, tenant)
+        events = await server.stream(answers, req, tenant)
+
+        async def close() -> None:
+            for _, t in answers:
+                await t.aclose()
+
         # The background task runs after the response, however it ended: also when the client left before the
         # stream was ever iterated (then the events' own finally never runs).
-        return EventSourceResponse(events, ping=15, background=BackgroundTask(turn.aclose))
+        return EventSourceResponse(events, ping=15, background=BackgroundTask(close))
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:
