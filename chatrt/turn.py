@@ -28,7 +28,7 @@ from chatrt.cache.reuse import Reuse, reuse
 from chatrt.cache.tiers import Checkout
 from chatrt.config import OTHER_NAMES, Config, GenerationConfig, TurnOptions
 from chatrt.engine import Generation, Request, TokenLogprob
-from chatrt.engine.grammar import schema_of
+from chatrt.engine.grammar import compile_schema, schema_of
 from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage
 from chatrt.stats import TurnStats
 from chatrt.template import Message, check_text
@@ -98,6 +98,8 @@ def generation_params(config: Config, options: TurnOptions | dict[str, Any], voc
     if outside := [t for t in params.logit_bias if not 0 <= t < vocab_size]:
         raise ConfigError(f"invalid generation option: logit_bias names token ids {outside[:3]} that the model does "
                           f"not have (its ids are 0 to {vocab_size - 1})")  # fmt: skip
+    if params.json_schema is not None:
+        compile_schema(params.json_schema)  # a schema no grammar can follow is refused here, not at the first step
     return params
 
 

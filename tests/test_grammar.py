@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from chatrt import ConfigError
+from chatrt import ConfigError, SchemaError
 from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine import Engine, Generation, Piece
 from chatrt.engine.grammar import ANY_OBJECT, Constraint, compile_schema, schema_of
@@ -176,3 +176,13 @@ def test_fifty_schema_constrained_replies_on_the_bundled_model_all_validate(bund
     print(f"{50 - len(bad)} of 50 ended by themselves", *bad, sep="\n")
     for model, text, _ in results:
         model.model_validate_json(text)
+
+
+def test_a_session_refuses_a_bad_schema_when_asked_and_answers_a_good_one(runtime):
+    s = runtime.open_session("Be brief.")
+    with pytest.raises(SchemaError, match="cannot be used"):
+        s.stream("hi", response_format={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+    assert s.messages == []  # nothing was sent
+    reply = s.send("hi", response_format=CHOICE, max_new_tokens=60, logprobs=1)
+    assert set(json.loads(reply.text)) == {"pick", "ok"}
+    assert [e.token for e in reply.logprobs] == list(reply.token_ids)
