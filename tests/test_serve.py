@@ -113,6 +113,7 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
          "tool_choice"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2, "session_id": "s"}, 400, "n"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, "n"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 5}}, 400,
          "logit_bias"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}, 400,

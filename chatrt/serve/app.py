@@ -580,6 +580,9 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         except ToolRequestError as e:
             raise HTTPError(400, str(e), "invalid_request_error", "unsupported_value", param=e.param) from None
         header = request.headers.get(SESSION_HEADER)
+        if (req.n or 1) > (most := server.rt.config.engine.max_batch):
+            raise HTTPError(400, f"n is at most {most} here (engine.max_batch: the choices decode as one batch)",
+                            "invalid_request_error", "unsupported_value", param="n")  # fmt: skip
         if (req.n or 1) > 1 and (header or req.session_id):
             raise HTTPError(400, "n > 1 is for stateless requests (each choice goes on as a session of its own): a "
                             "session holds one conversation; ask it once per reply", "invalid_request_error",
