@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 import torch
@@ -228,6 +229,14 @@ def serve(model: str | Path, max_new_tokens: int = 12, **env: object) -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def client(server: str) -> Iterator[openai.OpenAI]:
+    """The official client on the module's `server` (a served base URL), as its users set it up."""
+    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+    yield c
+    c.close()
 
 
 def assert_greedy(lm: LoadedModel, prompt: list[int], got: tuple[int, ...], max_new_tokens: int) -> bool:

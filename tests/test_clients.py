@@ -32,13 +32,6 @@ def server():
         yield url
 
 
-@pytest.fixture
-def client(server):
-    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
-    yield c
-    c.close()
-
-
 ASK = [{"role": "system", "content": "You are a geography teacher."},
        {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
 

@@ -26,13 +26,6 @@ def server(tiny_folder):
         yield url
 
 
-@pytest.fixture
-def client(server):
-    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
-    yield c
-    c.close()
-
-
 def model_id(client) -> str:
     return client.models.list().data[0].id
 
