@@ -1,7 +1,8 @@
 """Tool calls a client forces (`tool_choice` naming a function, or "required"), answered by constrained decoding
 as vLLM does: the reply is JSON that follows the tool's parameters schema (or, for "required", one of the
 tools' names with its arguments), and goes back as the message's `tool_calls`. This needs no tool-aware chat
-template, so it works with any model; free tool use (`tool_choice: "auto"`) needs one and is refused here.
+template, so it works with any model. Free tool use (`tool_choice: "auto"`: the model decides, through a
+tool-aware template, and its calls are parsed from its text) is not built, and is refused by name.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def forced(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | No
     named = functions(tools or [])
     if choice in (None, "none", "auto"):
         if named and choice != "none":
-            raise ToolRequestError("tools", "tools with tool_choice auto are not supported: the served model's chat "
-                                   'template takes no tools; force a call with tool_choice "required" or a named '
-                                   "function, or send no tools")  # fmt: skip
+            raise ToolRequestError("tools", "tools with tool_choice auto are not supported: chatrt answers only "
+                                   'forced calls; force one with tool_choice "required" or a named function, or '
+                                   "send no tools")  # fmt: skip
         return None
     if not named:
         raise ToolRequestError("tool_choice", "tool_choice forces a call, but no tools were sent")
