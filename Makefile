@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 # The oldest transformers chatrt supports (5.17, the GPU machine's), in a folder put ahead of .venv's packages:
 # `make test` runs the exactness tests on it as well as on the newest 5.x that .venv has. It needs the 1.x hub.
 OLDEST := $(VENV)/transformers-5.17
+# test_grammar.py too: the grammar's token table is built from the tokenizer transformers loads.
 EXACTNESS := tests/test_engine.py tests/test_kv.py tests/test_model.py tests/test_session.py tests/test_template.py \
-  tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py
+  tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py tests/test_grammar.py
 
 .PHONY: chat test lint bench screenshot services
 
