@@ -4,7 +4,9 @@ screenshot action. From the repository root: `PYTHONPATH=. .venv/bin/python scri
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from chatrt import ChatRuntime, Config
@@ -14,6 +16,7 @@ from tui.new_session import load_presets
 
 
 async def main(out: Path) -> None:
+    os.environ["CHATRT_DATA_DIR"] = tempfile.mkdtemp()  # only this chat on screen, not the machine's own chats
     config = Config.load(None).with_values(model={"dtype": "float32"}, generation={"max_new_tokens": 120})
     with ChatRuntime.from_config(config) as rt:
         presets = load_presets()
