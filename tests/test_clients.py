@@ -73,6 +73,8 @@ def test_openai_forced_tool_calls_follow_the_tools_schema(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     streamed = [t for d in deltas if d.tool_calls for t in d.tool_calls]
     assert len(streamed) == 1 and streamed[0].function.name == "weather" and not any(d.content for d in deltas)
+    cut = client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice="required", stop="y")
+    assert cut.choices[0].message.tool_calls is None  # ended at a stop string, not by its grammar: text, as it is
     assert json.loads(streamed[0].function.arguments) == json.loads(
         client.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice="required")
         .choices[0].message.tool_calls[0].function.arguments

@@ -43,8 +43,8 @@ class WireMessage(BaseModel):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls or self.function_call is not None:
-            raise ValueError("tool calls sent back in the history are not supported: the served model's chat template "
-                             "takes no tools; send the tool's result as a user message")  # fmt: skip
+            raise ValueError("tool calls sent back in the history are not supported yet; send the tool's result "
+                             "as a user message")  # fmt: skip
         if self.audio is not None:
             raise ValueError("audio is not supported: send text")
         return self
@@ -214,9 +214,9 @@ class ReplyMessage(BaseModel):
 
 
 def tool_calls(tool: tools.ForcedTool | None, text: str, reason: FinishReason) -> list[ToolCall] | None:
-    """The calls a forced tool's reply makes (None: no tool was forced, or the reply ran out of tokens before its
-    arguments were whole: then it goes back as text, finish_reason "length")."""
-    if tool is None or reason == "length":
+    """The calls a forced tool's reply makes (None: no tool was forced, or the reply ended before its grammar did,
+    at the token limit or a stop string: then it goes back as text)."""
+    if tool is None or reason != "stop":
         return None
     return [ToolCall(id=tools.call_id(), function=FunctionCall(name=name, arguments=arguments))
             for name, arguments in tool.calls(text)]  # fmt: skip
