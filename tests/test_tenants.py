@@ -110,6 +110,9 @@ def test_a_tenant_has_its_share_of_the_requests_in_flight(tiny_folder):
         assert b.post("/chat/completions", json=short).status_code == 200
         first.join(60)
         assert a.post("/chat/completions", json=short).status_code == 200  # counted out once it ended
+        many = b.post("/chat/completions", json={**short, "n": 2})  # each choice is a turn of its share
+        assert many.status_code == 429 and "serve.tenant_requests" in many.json()["error"]["message"]
+        assert b.post("/chat/completions", json=short).status_code == 200  # the refused choices were counted out
 
 
 def test_idle_sessions_are_closed_on_every_tier(tiny_folder, redis_url, redis_client):

@@ -154,19 +154,24 @@ class Server:
         """Whether the request carries one of the server's API keys (there are some)."""
         return bool(self.tenants.keys) and self.tenants.identify(request.headers.get("authorization", "")) is not None
 
-    def admit(self, tenant: Tenant) -> None:
-        """Count a request in, or refuse it: 503 when the engine's batch and queue are full, 429 when its tenant
-        has its share in flight. Every admitted request is counted out by `release`, once (from the thread that
-        finished its turn)."""
+    def admit(self, tenant: Tenant, turns: int = 1) -> None:
+        """Count a request's turns in (one per choice), or refuse them all: 503 when the engine's batch and queue
+        are full, 429 when its tenant has its share in flight. Every admitted turn is counted out by `release`,
+        once (from the thread that finished it)."""
         with self._admission:
-            if self.in_flight >= self.limit:
+            if self.in_flight + turns > self.limit:
                 raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server "
                                 "takes; retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
-            if not self.tenants.admit(tenant):
+            admitted = 0
+            while admitted < turns and self.tenants.admit(tenant):
+                admitted += 1
+            if admitted < turns:
+                for _ in range(admitted):
+                    self.tenants.release(tenant)
                 raise HTTPError(429, f"tenant {tenant.name!r} has {self.tenants.max_requests} requests running or "
                                 "queued, its share of this server (serve.tenant_requests); retry when one has ended",
                                 "rate_limit_error", "rate_limit_exceeded", retry_after=1)  # fmt: skip
-            self.in_flight += 1
+            self.in_flight += turns
 
     def release(self, tenant: Tenant) -> None:
         with self._admission:
@@ -587,21 +592,15 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             raise HTTPError(400, "n > 1 is for stateless requests (each choice goes on as a session of its own): a "
                             "session holds one conversation; ask it once per reply", "invalid_request_error",
                             "unsupported_value", param="n")  # fmt: skip
-        server.admit(tenant)
+        server.admit(tenant, req.n or 1)
         try:
             answers = await server.open_turns(req, header, tenant)
         except BaseException:
-            server.release(tenant)
-            raise
-        left = [len(answers)]
-
-        def finished(_: object) -> None:  # counted out once all its turns have finished
-            left[0] -= 1
-            if not left[0]:
+            for _ in range(req.n or 1):
                 server.release(tenant)
-
-        for _, t in answers:
-            t.sync.add_done_callback(finished)
+            raise
+        for _, t in answers:  # each counted out once its turn has finished
+            t.sync.add_done_callback(lambda _: server.release(tenant))
         if not req.stream:
             try:
                 return (await server.complete(answers, req, tenant)).model_dump()
