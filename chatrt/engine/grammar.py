@@ -55,8 +55,9 @@ def schema_of(response_format: Any) -> dict[str, Any] | None:
 @functools.lru_cache(maxsize=256)
 def _compiled(schema_text: str) -> str:
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=_COMPACT)
-    if error := llguidance.LLMatcher.validate_grammar(grammar):
-        raise SchemaError(f"response_format: the JSON schema cannot be used: {error}")
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)  # warnings are no failure
+    if failed:
+        raise SchemaError(f"response_format: the JSON schema cannot be used: {messages[0]}")
     return grammar
 
 
