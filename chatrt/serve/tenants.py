@@ -60,18 +60,18 @@ class Tenants:
                 found = self.tenants[name]
         return found
 
-    def admit(self, tenant: Tenant) -> bool:
-        """Count one of the tenant's requests in (False: it has its share in flight already)."""
+    def admit(self, tenant: Tenant, count: int = 1) -> bool:
+        """Count `count` of the tenant's requests in, all or none (False: they would pass its share)."""
         with self._lock:
-            if self._in_flight[tenant.name] >= self.max_requests:
+            if self._in_flight[tenant.name] + count > self.max_requests:
                 return False
-            self._in_flight[tenant.name] += 1
+            self._in_flight[tenant.name] += count
             return True
 
-    def release(self, tenant: Tenant) -> None:
+    def release(self, tenant: Tenant, count: int = 1) -> None:
         with self._lock:
-            assert self._in_flight[tenant.name] > 0
-            self._in_flight[tenant.name] -= 1
+            assert self._in_flight[tenant.name] >= count
+            self._in_flight[tenant.name] -= count
 
     def in_flight(self, tenant: Tenant) -> int:
         with self._lock:
