@@ -162,22 +162,17 @@ class Server:
             if self.in_flight + turns > self.limit:
                 raise HTTPError(503, f"{self.in_flight} requests are running or queued, the most this server "
                                 "takes; retry shortly", "overloaded_error", retry_after=1)  # fmt: skip
-            admitted = 0
-            while admitted < turns and self.tenants.admit(tenant):
-                admitted += 1
-            if admitted < turns:
-                for _ in range(admitted):
-                    self.tenants.release(tenant)
+            if not self.tenants.admit(tenant, turns):
                 raise HTTPError(429, f"tenant {tenant.name!r} has {self.tenants.max_requests} requests running or "
                                 "queued, its share of this server (serve.tenant_requests); retry when one has ended",
                                 "rate_limit_error", "rate_limit_exceeded", retry_after=1)  # fmt: skip
             self.in_flight += turns
 
-    def release(self, tenant: Tenant) -> None:
+    def release(self, tenant: Tenant, turns: int = 1) -> None:
         with self._admission:
-            assert self.in_flight > 0
-            self.in_flight -= 1
-            self.tenants.release(tenant)
+            assert self.in_flight >= turns
+            self.in_flight -= turns
+            self.tenants.release(tenant, turns)
 
     # -- which session answers -------------------------------------------------------------------
 
@@ -303,7 +298,7 @@ class Server:
     async def complete(self, answers: list[tuple[Session, AsyncTurn]], req: wire.ChatRequest,
                        tenant: Tenant) -> wire.ChatCompletion:  # fmt: skip
         """The whole reply, one choice per turn (they run together, batched by the engine)."""
-        replies, tool = await asyncio.gather(*(turn.result() for _, turn in answers)), req.forced_tool()
+        replies, tool = await asyncio.gather(*(turn.result() for _, turn in answers)), req.forced_tool
         choices = []
         for k, reply in enumerate(replies):
             calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
@@ -335,7 +330,7 @@ class Server:
             for turn in turns:
                 await turn.aclose()
             raise failed
-        cid, created, tool, session_id = wire.completion_id(), wire.now(), req.forced_tool(), answers[0][0].id
+        cid, created, tool, session_id = wire.completion_id(), wire.now(), req.forced_tool, answers[0][0].id
 
         def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None,
                   piece: str = "") -> dict[str, str]:  # fmt: skip
@@ -581,7 +576,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             param, message = unsupported
             raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
         try:
-            req.forced_tool()
+            _ = req.forced_tool  # worked out (and refused) before any session is touched
         except ToolRequestError as e:
             raise HTTPError(400, str(e), "invalid_request_error", "unsupported_value", param=e.param) from None
         header = request.headers.get(SESSION_HEADER)
@@ -596,8 +591,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         try:
             answers = await server.open_turns(req, header, tenant)
         except BaseException:
-            for _ in range(req.n or 1):
-                server.release(tenant)
+            server.release(tenant, req.n or 1)
             raise
         for _, t in answers:  # each counted out once its turn has finished
             t.sync.add_done_callback(lambda _: server.release(tenant))

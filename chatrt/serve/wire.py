@@ -9,6 +9,7 @@ Responses carry the fields the official clients read.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -128,13 +129,14 @@ class ChatRequest(BaseModel):
         ]  # fmt: skip
         return next(((param, f"{why} is not supported") for param, bad, why in checks if bad), None)
 
+    @functools.cached_property
     def forced_tool(self) -> tools.ForcedTool | None:
-        """The tool call this request forces (None: a text reply); raises ToolRequestError."""
+        """The tool call this request forces (None: a text reply), worked out once; raises ToolRequestError."""
         return tools.forced(self.tools, self.tool_choice)
 
     def response_schema(self) -> dict[str, Any] | None:
         """The JSON schema the reply must follow, as chatrt's `response_format` option takes it (None: text)."""
-        if (tool := self.forced_tool()) is not None:
+        if (tool := self.forced_tool) is not None:
             return {"type": "json_schema", "json_schema": {"schema": tool.schema}}
         if self.response_format is None or self.response_format.type == "text":
             return None
