@@ -4,14 +4,13 @@ step's time and the part of it spent in attention, and the KV the rows hold."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 
 import torch
 from pydantic import BaseModel
 
+from chatrt.bench.timers import spent_in
 from chatrt.cache.kv import KV, storage_bytes
 from chatrt.config import Config
 from chatrt.engine import runner, segments
@@ -77,7 +76,7 @@ def run(lm: LoadedModel, config: Config, *, rows: int = 16, shared_tokens: int =
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in starts}
     for n in range(steps + 4):  # alternating, so that both meet the same machine
         for name in starts:
-            with _attention_timer() as spent:
+            with spent_in(segments, "attend") as spent:
                 t0 = time.perf_counter()
                 runner.run(lm, [(cache, [198]) for cache in caches[name]], compiled)
                 step = time.perf_counter() - t0
@@ -109,24 +108,3 @@ def _prefilled(lm: LoadedModel, ids: list[int], compiled: CompiledSteps | None):
 
 def _copy(kv: KV) -> KV:
     return KV(kv.ids, tuple(k.clone() for k in kv.keys), tuple(v.clone() for v in kv.values))
-
-
-
-@contextlib.contextmanager
-def _attention_timer() -> Iterator[list[float]]:
-    """Seconds spent in `segments.attend`, call by call, while in the block (the packed forward and the compiled
-    step's attention op both call it through the module)."""
-    spent: list[float] = []
-    attend = segments.attend
-
-    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        out = attend(*args, **kwargs)
-        spent.append(time.perf_counter() - t0)
-        return out
-
-    segments.attend = timed  # type: ignore[assignment]
-    try:
-        yield spent
-    finally:
-        segments.attend = attend  # type: ignore[assignment]

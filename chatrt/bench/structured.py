@@ -8,12 +8,12 @@ import contextlib
 import json
 import statistics
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel
 
+from chatrt.bench.timers import spent_in
 from chatrt.engine.grammar import Constraint
 from chatrt.runtime import ChatRuntime
 
@@ -83,7 +83,7 @@ def run(rt: ChatRuntime, *, rows: int = 8, rounds: int = 3, max_new_tokens: int 
         list(pool.map(answer, jobs))
         for _ in range(rounds):
             for how in ("free", "schema"):
-                with _grammar_timer() as spent:
+                with spent_in(Constraint, "mask", "feed") as spent:
                     t0 = time.perf_counter()
                     done = list(pool.map(answer, [(t, s if how == "schema" else None) for t, s in jobs]))
                     wall = time.perf_counter() - t0
@@ -104,28 +104,3 @@ def _valid(text: str) -> bool:
     with contextlib.suppress(ValueError):
         return isinstance(json.loads(text), dict)
     return False
-
-
-@contextlib.contextmanager
-def _grammar_timer() -> Iterator[list[float]]:
-    """Seconds spent in Constraint.mask and Constraint.feed while in the block."""
-    spent: list[float] = []
-    originals = {name: getattr(Constraint, name) for name in ("mask", "feed")}
-
-    def timed(fn):  # type: ignore[no-untyped-def]
-        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent.append(time.perf_counter() - t0)
-
-        return call
-
-    for name, fn in originals.items():
-        setattr(Constraint, name, timed(fn))
-    try:
-        yield spent
-    finally:
-        for name, fn in originals.items():
-            setattr(Constraint, name, fn)
