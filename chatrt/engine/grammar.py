@@ -24,6 +24,7 @@ from chatrt.errors import SchemaError
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 """OpenAI's `json_object`: any JSON object."""
 
+_BIT = torch.arange(8, dtype=torch.uint8)  # a mask byte's bits, lowest first
 _COMPACT: llguidance.JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -99,7 +100,6 @@ class Constraint:
 
     def __init__(self, grammar: str, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: Iterable[int]):
         """Building the tokenizer's table takes about a second, once per model; matching a grammar, a few ms."""
-        self.vocab_size = vocab_size
         self.matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size, tuple(sorted(stop_ids))), grammar,
                                             log_level=0)  # fmt: skip
         self._check()
@@ -108,9 +108,9 @@ class Constraint:
         """The logits ([V]) with every token the grammar does not allow next at -inf."""
         self._check()
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)  # [ceil(V/32)*4]
-        bits = (words.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [bytes, 8]: token 8*byte + bit
-        allowed = bits.flatten()[: self.vocab_size].to(device=logits.device, dtype=torch.bool)
-        return logits.masked_fill(~allowed[: logits.numel()], float("-inf"))
+        bits = (words.unsqueeze(1) >> _BIT) & 1  # [bytes, 8]: token 8*byte + bit
+        allowed = bits.flatten()[: logits.numel()].to(device=logits.device, dtype=torch.bool)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def feed(self, token: int) -> None:
         """The token sampled (from masked logits, so the grammar takes it)."""
