@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
             "--model", help="model source: 'bundled', a transformers folder, a .gguf file or a Hub id (org/name)"
         )
         c.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+        c.add_argument("--chat-template", help="render prompts with this template: 'chatml-tools' (shipped: ChatML "
+                       "with tool calls) or a Jinja file (default: the model's own)")  # fmt: skip
         c.set_defaults(func=func)
         return c
 
@@ -128,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Config:
     config = Config.load(args.config)
-    model = {k: v for k, v in {"source": args.model, "dtype": args.dtype}.items() if v}
+    given = {"source": args.model, "dtype": args.dtype, "chat_template": args.chat_template}
+    model = {k: v for k, v in given.items() if v}
     return config.with_values(model=model) if model else config
 
 
@@ -240,9 +243,9 @@ def _served(args: argparse.Namespace) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "chatrt", "serve", "--port", str(port)]
-    for flag in ("config", "model", "dtype"):
+    for flag in ("config", "model", "dtype", "chat_template"):
         if getattr(args, flag):
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -35,6 +35,10 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = ""
     """Where dequantized GGUF weights are kept; empty means $XDG_CACHE_HOME/chatrt or ~/.cache/chatrt."""
+    chat_template: str = ""
+    """The chat template to render prompts with instead of the model's own: a Jinja file's path, or
+    `chatml-tools` (shipped: ChatML with Hermes-style tool calls, for ChatML models such as the bundled one,
+    whose own template takes no tools). Empty: the model's."""
 
 
 class GenerationConfig(_Section):
@@ -87,6 +91,12 @@ class TurnOptions(TypedDict, total=False):
     """A pydantic model class, a JSON schema, or OpenAI's response_format object: the reply is JSON that validates."""
     json_schema: Mapping[str, Any] | None
     logprobs: int | None
+    tools: Sequence[Mapping[str, Any]] | None
+    """OpenAI's function tools, `{"type": "function", "function": {"name", "description", "parameters"}}`: the
+    reply may call them (`reply.tool_calls`), through a chat template that takes tools (see chatrt.tools)."""
+    tool_choice: str | Mapping[str, Any] | None
+    """"auto" (the default with tools), "none", "required", or `{"type": "function", "function": {"name": ...}}`
+    to force a call of that function."""
 
 
 # Names other APIs use for these options, and chatrt's.

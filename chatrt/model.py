@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -156,7 +157,21 @@ def load(cfg: ModelConfig, progress: Progress = lambda _: None) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the model in {folder}: {e}") from e
+    if cfg.chat_template:
+        tokenizer.chat_template = chat_template(cfg.chat_template)
     return LoadedModel.wrap(model, tokenizer, name=name, weights_id=weights_id, origin=origin)
+
+
+def chat_template(name: str) -> str:
+    """The text of a chat template: one chatrt ships, by name, or a Jinja file."""
+    shipped = resources.files("chatrt") / "templates" / f"{name}.jinja"
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    try:
+        return Path(name).expanduser().read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelLoadError(f"model.chat_template {name!r} is neither a template chatrt ships (chatml-tools) nor a "
+                             f"readable file: {e.strerror}") from None  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from chatrt.model import LoadedModel, Progress, cache_root, load
 from chatrt.parts import Parts
 from chatrt.session import Session
 from chatrt.stats import Recorder, RuntimeStats, TurnStats
-from chatrt.template import ChatTemplate, Message, check_text, check_turns
+from chatrt.template import ChatTemplate, Message, ToolCall, check_text, check_turns
 
 log = logging.getLogger("chatrt")
 turn_log = logging.getLogger("chatrt.turns")
@@ -153,7 +153,7 @@ class ChatRuntime:
         if system_prompt is not None:
             check_text(system_prompt, "the system prompt")
         history = check_turns([_message(m) for m in messages])
-        return self._open(session_id, system_prompt, history, len(history) // 2, cache_scope)
+        return self._open(session_id, system_prompt, history, sum(m.role == "assistant" for m in history), cache_scope)
 
     def _open(self, session_id: str | None, system_prompt: str | None, history: list[Message], turns: int,
               cache_scope: str, prefix: PrefixEntry | None = None) -> Session:  # fmt: skip
@@ -317,14 +317,20 @@ def log_turn(turn: TurnStats, user: str, reply: str, *, text: bool) -> None:
 
 
 def _message(m: object) -> Message:
-    """A history entry as given (a Message, or a dict with role and content); its text only, never token ids."""
+    """A history entry as given (a Message, or a dict with role and content, and a reply's tool_calls or a tool
+    result's tool_call_id as OpenAI's messages carry them); its text only, never token ids."""
     if isinstance(m, Message):
-        return Message(role=m.role, content=m.content)
-    if isinstance(m, dict) and set(m) <= {"role", "content"}:
+        return Message(role=m.role, content=m.content, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+    if isinstance(m, dict) and set(m) <= {"role", "content", "tool_calls", "tool_call_id"}:
         try:
-            return Message(role=m.get("role"), content=m.get("content"))  # type: ignore[arg-type]
+            calls = tuple(ToolCall.of(c) for c in m.get("tool_calls") or ())
+            content = "" if m.get("content") is None and calls else m.get("content")  # a call's may be null
+            return Message(role=m.get("role"), content=content, tool_calls=calls,  # type: ignore[arg-type]
+                           tool_call_id=m.get("tool_call_id"))  # fmt: skip
         except ValidationError as e:
             raise InvalidMessage(f"a history message is not valid: {e.errors()[0]['msg']}") from None
+        except ValueError as e:
+            raise InvalidMessage(f"a history message is not valid: {e}") from None
     raise InvalidMessage(f"a history message is a Message or a dict with 'role' and 'content', not {m!r:.60}")
 
 

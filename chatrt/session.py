@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from typing_extensions import Unpack
@@ -24,7 +24,7 @@ from chatrt.model import LoadedModel
 from chatrt.parts import Parts
 from chatrt.stats import SessionStats, TokenTotals, TurnStats
 from chatrt.template import ChatTemplate, Message
-from chatrt.turn import Plan, Reply, Turn, edit_plan, generation_params, regenerate_plan, send_plan
+from chatrt.turn import Plan, Reply, Turn, edit_plan, regenerate_plan, results_plan, send_plan, turn_inputs
 
 __all__ = ["Reply", "Session", "Turn"]
 
@@ -46,7 +46,7 @@ class Session:
         self.parts = parts
         self.id = session_id
         self.system_prompt = system_prompt
-        self.messages: list[Message] = messages or []  # user/assistant turns; the system prompt is kept apart
+        self.messages: list[Message] = messages or []  # the turns; the system prompt is kept apart
         self.turns = turns
         self.cache_scope = cache_scope
         """Whose cached prefixes this session's turns may start from: idle sessions of the same scope."""
@@ -107,6 +107,15 @@ class Session:
         recorded when the iteration ends (`turn.reply`); stopping early (`turn.close()`) keeps the text streamed
         so far as the reply (finish_reason 'cancelled')."""
         return self._turn(send_plan(text), options)
+
+    def send_results(self, results: Mapping[str, str], **options: Unpack[TurnOptions]) -> Reply:
+        """Answer the calls the last reply made (`reply.tool_calls`) with their results, {call id: text}, and
+        return the model's reply to them (which may call tools again). Pass the same `tools` again: they are
+        part of the prompt, and a prompt offered other tools reuses less of the cache."""
+        return self.stream_results(results, **options).result()
+
+    def stream_results(self, results: Mapping[str, str], **options: Unpack[TurnOptions]) -> Turn:
+        return self._turn(results_plan(results), options)
 
     def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
         """Replace the last reply with a new one for the same user message."""
@@ -283,7 +292,8 @@ class Session:
 
     def _turn(self, plan: Plan, options: TurnOptions) -> Turn:
         self._check_open()
-        return Turn(self, plan, generation_params(self.parts.config, options, self.parts.info.vocab_size))
+        params, tools = turn_inputs(self.parts.config, self.template, options, self.parts.info.vocab_size)
+        return Turn(self, plan, params, tools)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -5,19 +5,22 @@ Message text is tokenized as text (never as control tokens); the template's own 
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import secrets
 import threading
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chatrt.errors import InvalidMessage, TemplateError
-from chatrt.message import Message, Role
+from chatrt.message import Message, Role, ToolCall
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ChatTemplate", "Message", "Role", "check_text", "check_turns", "decode"]
+__all__ = ["ChatTemplate", "Message", "Role", "ToolCall", "check_text", "check_turns", "decode", "order_problem"]
 
 
 # transformers' fast tokenizers switch `split_special_tokens` by setting a flag on the shared Rust tokenizer
@@ -27,16 +30,50 @@ _ENCODE_LOCK = threading.Lock()
 
 
 def check_turns(messages: list[Message], what: str = "the history") -> list[Message]:
-    """`messages` when they are whole turns: valid text, user and assistant in order, ending with a reply."""
+    """`messages` when they are whole turns: valid text, in an order `order_problem` accepts, ending with a
+    reply."""
     for m in messages:
         check_text(m.content, "a message")
-    roles = [m.role for m in messages]
-    if roles != ["user", "assistant"] * (len(roles) // 2):
-        raise InvalidMessage(
-            f"{what} must be whole turns, user then assistant, in order ({', '.join(roles[:8]) or 'none'} given); "
-            "a system prompt is passed apart"
-        )
+    problem = order_problem(messages)
+    if problem is None and messages and messages[-1].role != "assistant":
+        problem = f"it ends with a {messages[-1].role} message, not a reply"
+    if problem is not None:
+        raise InvalidMessage(f"{what} must be whole turns, a user message then the reply, in order: {problem} (a "
+                             "system prompt is passed apart)")  # fmt: skip
     return messages
+
+
+def order_problem(messages: list[Message]) -> str | None:
+    """What is out of order in a transcript (None: nothing). A user message is answered by an assistant
+    message; one that calls tools is followed by one tool message per call (by its id), and those results are
+    answered by the next assistant message, or left for a user message."""
+    last, pending = "start", set[str]()
+    for i, m in enumerate(messages):
+        if (m.tool_calls and m.role != "assistant") or (m.tool_call_id is not None and m.role != "tool"):
+            return f"message {i} is a {m.role} message with tool fields"
+        if m.role == "tool":
+            if m.tool_call_id not in pending:
+                return f"message {i} is the result of call {m.tool_call_id!r}, which the reply before did not make"
+            pending.discard(m.tool_call_id)
+            last = "results"
+            continue
+        if pending:
+            return f"message {i} comes before the results of the calls {sorted(pending)}"
+        if m.role == "user" and last in ("start", "reply", "results"):
+            last = "user"
+        elif m.role == "assistant" and last in ("user", "results"):
+            pending = {c.id for c in m.tool_calls}
+            if len(pending) < len(m.tool_calls):
+                return f"message {i} makes two tool calls with one id"
+            last = "calls" if pending else "reply"
+        else:
+            return f"message {i} is a {m.role} message after a {last} one"
+    return None
+
+
+def turn_starts(messages: list[Message]) -> list[int]:
+    """Where each turn of a transcript begins: at each user message."""
+    return [i for i, m in enumerate(messages) if m.role == "user"]
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: tuple[int, ...] | list[int]) -> str:
@@ -70,33 +107,88 @@ class ChatTemplate:
         self._placeholder = re.compile(rf"<{self._tag}:(\d+)>")
         self.prefix_ids = lru_cache(maxsize=256)(self._prefix_ids)
 
-    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the prompt: the template's markup with its control tokens, each message's text as text."""
+    def render(self, messages: list[Message], *, tools: Sequence[Mapping[str, Any]] = (),
+               add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+        """Token ids of the prompt: the template's markup with its control tokens, each message's text as text.
+        `tools`: function definitions the template offers the model (it must take them: `takes_tools`)."""
         # Each message's content is replaced by a placeholder; the template text between placeholders is
         # tokenized with special tokens recognised and each content piece with them split into plain text.
-        chat = [{"role": m.role, "content": f"<{self._tag}:{i}>"} for i, m in enumerate(messages)]
+        # What the template writes itself from the transcript (tool definitions, a call's name and arguments)
+        # is markup, so it is refused when it holds a control token's text.
+        chat = [self._entry(i, m) for i, m in enumerate(messages)]
+        self._check_markup(tools, [c for m in messages if m.token_ids is None for c in m.tool_calls])
         try:
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(chat, tools=list(tools) or None, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)  # fmt: skip
         except Exception as e:  # jinja raises its own errors for role order etc.
             raise TemplateError(f"the chat template rejected this transcript: {e}") from e
         pieces = self._placeholder.split(text)
         order = [int(i) for i in pieces[1::2]]
-        if order != list(range(len(messages))):
+        if order != [i for i, m in enumerate(messages) if self._placed(m)]:
             raise TemplateError("the chat template drops, repeats or reorders message content; chatrt cannot render it")
         ids: list[int] = []
         for i, markup in enumerate(pieces[0::2]):
             ids += self._encode(markup, split_special=False)
-            if i < len(messages):
-                m = messages[i]
-                ids += list(m.token_ids) if m.token_ids is not None else self._encode(m.content, split_special=True)
+            if i < len(order):
+                m = messages[order[i]]
+                ids += list(m.token_ids) if m.token_ids is not None else self._encode(self._text(m), split_special=True)
         return ids
+
+    @functools.cached_property
+    def takes_tools(self) -> bool:
+        """Whether the template renders tool definitions (a prompt offered one differs from one offered none)."""
+        chat = [{"role": "user", "content": "x"}]
+        probe = {"type": "function", "function": {"name": "chatrt_probe", "parameters": {"type": "object"}}}
+        try:
+            with_tool = self.tokenizer.apply_chat_template(chat, tools=[probe], tokenize=False)
+        except Exception:  # a template that refuses tools takes none
+            return False
+        return with_tool != self.tokenizer.apply_chat_template(chat, tokenize=False)
+
+    def _placed(self, m: Message) -> bool:
+        """Whether the message's body goes into the prompt through a placeholder (an empty one has none)."""
+        return bool(m.token_ids) or bool(self._text(m))
+
+    def _text(self, m: Message) -> str:
+        """The message's text as the prompt holds it. A reply kept with its ids is what the model wrote, calls
+        and all; a template that takes no tools has no way to show calls, so they are written out as the JSON
+        of a forced call."""
+        if not m.tool_calls or m.token_ids is not None or self.takes_tools:
+            return m.content
+        calls = [json.dumps({"name": c.name, "arguments": _arguments(c)}, ensure_ascii=False) for c in m.tool_calls]
+        return "\n".join([m.content, *calls] if m.content else calls)
+
+    def _entry(self, i: int, m: Message) -> dict[str, Any]:
+        """The message as the template reads it, its body a placeholder."""
+        entry: dict[str, Any] = {"role": m.role, "content": f"<{self._tag}:{i}>" if self._placed(m) else ""}
+        if m.tool_calls and m.token_ids is None and self.takes_tools:
+            entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
+                                    "arguments": _arguments(c)}} for c in m.tool_calls]  # fmt: skip
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
+        return entry
+
+    def _check_markup(self, tools: Sequence[Mapping[str, Any]], calls: list[ToolCall]) -> None:
+        """InvalidMessage when text the template writes as markup holds a control token's text."""
+        text = json.dumps([list(tools), [(c.name, c.arguments) for c in calls]], ensure_ascii=False)
+        if found := next((t for t in self._controls if t in text), None):
+            raise InvalidMessage(f"the tools or tool calls hold the control token {found!r}, which the chat template "
+                                 "would write as markup; remove it")  # fmt: skip
+
+    @functools.cached_property
+    def _controls(self) -> tuple[str, ...]:
+        special = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        return tuple(sorted(special | set(self.tokenizer.all_special_tokens), key=len, reverse=True))
 
     def decode(self, ids: tuple[int, ...] | list[int]) -> str:
         return decode(self.tokenizer, ids)
 
-    def spells(self, ids: tuple[int, ...], text: str) -> bool:
-        """Whether `ids` are ids of this tokenizer that decode to exactly `text`."""
-        return all(0 <= i < len(self.tokenizer) for i in ids) and self.decode(ids) == text
+    def spells(self, ids: tuple[int, ...], text: str, *, start: bool = False) -> bool:
+        """Whether `ids` are ids of this tokenizer that decode to exactly `text` (`start`: to text that begins
+        with it, as a reply's ids begin with its text before its tool calls)."""
+        if not all(0 <= i < len(self.tokenizer) for i in ids):
+            return False
+        return self.decode(ids).startswith(text) if start else self.decode(ids) == text
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` as plain text: control-token strings in it stay text."""
@@ -116,3 +208,12 @@ class ChatTemplate:
         b = self.render([*head, Message(role="user", content="b")])
         same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         return tuple(a[:same])
+
+
+def _arguments(call: ToolCall) -> object:
+    """A call's arguments as the template reads them: the object (transformers' convention), or the text as it
+    came when it is not JSON."""
+    try:
+        return json.loads(call.arguments)
+    except ValueError:
+        return call.arguments

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,19 +31,24 @@ from chatrt.engine import Generation, Request, TokenLogprob
 from chatrt.engine.grammar import compile_schema, schema_of
 from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage
 from chatrt.stats import TurnStats
-from chatrt.template import Message, check_text
+from chatrt.template import ChatTemplate, Message, ToolCall, check_text, order_problem, turn_starts
+from chatrt.tools import ToolError, ToolUse, tool_use
 
 if TYPE_CHECKING:
     from chatrt.session import Session
 
-Plan = Callable[[list[Message]], tuple[list[Message], Message]]
-"""From the session's history when the turn starts: the history to keep and the user message to answer."""
+Plan = Callable[[list[Message]], tuple[list[Message], list[Message]]]
+"""From the session's history when the turn starts: the history to keep and the messages to answer (a user
+message, or the results of the calls the last reply made)."""
 
 
 class Reply(BaseModel):
     text: str
+    """The reply's text (when it calls tools: its text before the calls)."""
     token_ids: tuple[int, ...]
     """The ids the model generated for this reply (the end-of-turn token and a stop string's tokens excluded)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls of the turn's tools the reply makes: answer each with `session.send_results`."""
     stats: TurnStats
     logprobs: tuple[TokenLogprob, ...] | None = None
     """Each of `token_ids` with its log-probability and the most likely alternatives (when the turn asked for
@@ -55,18 +60,36 @@ class Reply(BaseModel):
 
 def send_plan(text: str) -> Plan:
     user = user_message(text)
-    return lambda history: (history, user)
+    return lambda history: (history, answerable(history, [user]))
+
+
+def results_plan(results: Mapping[str, str]) -> Plan:
+    """The results of the calls the last reply made, by call id (every call answered)."""
+    if not results:
+        raise InvalidMessage("no tool results were given; pass {call id: result text} for each call")
+    for call_id, text in results.items():
+        check_text(call_id, "a tool call id")
+        check_text(text, f"the result of call {call_id!r}")
+
+    def plan(history: list[Message]) -> tuple[list[Message], list[Message]]:
+        calls = [c.id for c in history[-1].tool_calls] if history else []
+        if set(calls) != set(results):
+            raise InvalidMessage(f"the last reply made the calls {calls} and results were given for {list(results)}; "
+                                 "give one result for each call")  # fmt: skip
+        return history, [Message(role="tool", content=results[c], tool_call_id=c) for c in calls]
+
+    return plan
 
 
 def regenerate_plan(messages: list[Message]) -> Plan:
-    before_last_turn(messages)
-    return lambda history: (before_last_turn(history), history[-2])
+    asked_from(messages)
+    return lambda history: (history[: asked_from(history)], history[asked_from(history) : -1])
 
 
 def edit_plan(messages: list[Message], text: str) -> Plan:
     user = user_message(text)
-    before_last_turn(messages)
-    return lambda history: (before_last_turn(history), user)
+    last_user(messages)
+    return lambda history: (history[: last_user(history)], [user])
 
 
 def user_message(text: str) -> Message:
@@ -75,10 +98,44 @@ def user_message(text: str) -> Message:
     return Message(role="user", content=text)
 
 
-def before_last_turn(history: list[Message]) -> list[Message]:
-    if len(history) < 2 or history[-1].role != "assistant":
+def answerable(history: list[Message], asked: list[Message]) -> list[Message]:
+    """`asked` when the history goes on with them in order (a user message cannot skip the results of calls)."""
+    if problem := order_problem([*history, *asked]):
+        raise InvalidMessage(f"this message cannot come next: {problem}; send the results of the last reply's calls "
+                             "first (send_results)")  # fmt: skip
+    return asked
+
+
+def asked_from(history: list[Message]) -> int:
+    """Where the messages the last reply answered begin (its user message, or the tool results before it)."""
+    if not history or history[-1].role != "assistant":
         raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
-    return history[:-2]
+    start = len(history) - 1
+    while start > 0 and history[start - 1].role == "tool":
+        start -= 1
+    return start if start < len(history) - 1 else last_user(history)
+
+
+def last_user(history: list[Message]) -> int:
+    """The index of the last user message, when a reply to it was recorded."""
+    starts = turn_starts(history)
+    if not starts or history[-1].role != "assistant":
+        raise InvalidMessage("there is no reply to regenerate or edit yet; send a message first")
+    return starts[-1]
+
+
+def turn_inputs(config: Config, template: ChatTemplate, options: TurnOptions | dict[str, Any],
+                vocab_size: int) -> tuple[GenerationConfig, ToolUse | None]:  # fmt: skip
+    """A turn's generation parameters and tools, from its options (see `generation_params`). A forced call is
+    a JSON schema the reply follows."""
+    options = dict(options)
+    tools = tool_use(options.pop("tools", None), options.pop("tool_choice", None), takes_tools=template.takes_tools)
+    if tools is not None and tools.forced is not None:
+        if options.get("response_format") is not None or options.get("json_schema") is not None:
+            raise ToolError("tool_choice", "a forced tool call and response_format both constrain the reply; ask "
+                            "for one of them")  # fmt: skip
+        options["json_schema"] = tools.forced.schema
+    return generation_params(config, options, vocab_size), tools
 
 
 def generation_params(config: Config, options: TurnOptions | dict[str, Any], vocab_size: int) -> GenerationConfig:
@@ -112,7 +169,7 @@ class Running:
 
     request: Request
     history: list[Message]
-    user: Message
+    asked: list[Message]
     prompt: list[int]
     taken: Checkout
     start: Reuse
@@ -129,8 +186,8 @@ class Turn:
     stopping early (`close()`, or leaving a `with` block) keeps the text received so far as the reply, finish
     reason 'cancelled'. `result()` reads it to the end and returns the Reply."""
 
-    def __init__(self, session: Session, plan: Plan, params: GenerationConfig) -> None:
-        self.session, self.plan, self.params = session, plan, params
+    def __init__(self, session: Session, plan: Plan, params: GenerationConfig, tools: ToolUse | None = None) -> None:
+        self.session, self.plan, self.params, self.tools = session, plan, params, tools
         self.state: State = "new"
         self.reply: Reply | None = None
         """The recorded reply, once finished (None when the turn failed or never began)."""
@@ -218,8 +275,8 @@ class Turn:
         try:
             hold.enter_context(session.hold(self, thread))
             started = time.perf_counter()
-            history, user = self.plan(list(session.messages))
-            history, prompt, dropped = fit(session, history, user, self.params)
+            history, asked = self.plan(list(session.messages))
+            history, prompt, dropped = fit(session, history, asked, self.params, self.tools)
             taken = p.tiers.checkout(session.id, session.link)  # pinned until checked in
             try:
                 start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.spill, p.engine.compute_kv,
@@ -234,7 +291,7 @@ class Turn:
             self.error = e
             self.finish()  # as a turn never begun: unrecorded, its callbacks told
             raise
-        self._running = Running(request, history, user, prompt, taken, start, dropped, hold)
+        self._running = Running(request, history, asked, prompt, taken, start, dropped, hold)
         self.state = "running"
 
     def finish(self, *, failed: BaseException | None = None, record: bool = True) -> None:
@@ -259,7 +316,7 @@ class Turn:
             else:
                 p.index.remove(self.session.id)
         if self.reply is not None:  # metrics, the turn's log line, stats published to Redis: the session is free
-            p.recorder.record(self.reply.stats, self._running.user.content, self.reply.text)  # type: ignore[union-attr]
+            p.recorder.record(self.reply.stats, self._running.asked[-1].content, self.reply.text)  # type: ignore[union-attr]
         p.tiers.settle()  # other sessions' caches move down here, holding no session and no lock
 
     def _end(self, failed: BaseException | None, record: bool) -> None:
@@ -294,7 +351,8 @@ class Turn:
         ids = tuple(gen.token_ids)
         # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
         exact = self.session.template.decode(ids) == gen.text
-        reply = Message(role="assistant", content=gen.text, token_ids=ids if exact else None)
+        text, calls = self.tools.read(gen.text, gen.finish_reason == "stop") if self.tools else (gen.text, ())
+        reply = Message(role="assistant", content=text, token_ids=ids if exact else None, tool_calls=calls)
         prefilled = len(r.prompt) - r.start.session_tokens - r.start.prefix_tokens
         self.session.parts.tiers.cost.observe("prefill", prefilled, gen.prefill_s + r.start.prefix_s)
         stats = TurnStats(
@@ -316,8 +374,8 @@ class Turn:
             dropped_turns=r.dropped,
         )
         logprobs = tuple(gen.logprobs) if gen.params.logprobs is not None else None
-        self.reply = Reply(text=gen.text, token_ids=ids, stats=stats, logprobs=logprobs)
-        self.session.commit([*r.history, r.user, reply], stats, gen.kv)
+        self.reply = Reply(text=text, token_ids=ids, tool_calls=calls, stats=stats, logprobs=logprobs)
+        self.session.commit([*r.history, *r.asked, reply], stats, gen.kv)
 
 
 class AsyncTurn:
@@ -403,24 +461,28 @@ class AsyncTurn:
         await asyncio.to_thread(self.sync.finish, failed=failed, record=record)
 
 
-def fit(session: Session, history: list[Message], user: Message, params: GenerationConfig) -> tuple[
-    list[Message], list[int], int
-]:  # fmt: skip
+def fit(session: Session, history: list[Message], asked: list[Message], params: GenerationConfig,
+        tools: ToolUse | None = None) -> tuple[list[Message], list[int], int]:  # fmt: skip
     """The history to keep and the prompt, within the session's token limit. With `overflow = "drop_oldest"`
-    the oldest turns (user message and reply) go first; returns how many turns were dropped."""
+    the oldest turns (a user message and all that answered it) go first, never the turn whose calls `asked`
+    answers; returns how many turns were dropped."""
     p = session.parts
     cfg, model_limit = p.config.session, p.info.max_context
     limit = min(cfg.max_tokens, model_limit) if cfg.max_tokens else model_limit
+    definitions = tools.definitions if tools is not None else ()
     dropped = 0
     while True:
-        prompt = p.template.render([*session.head, *history, user])
+        prompt = p.template.render([*session.head, *history, *asked], tools=definitions)
         if len(prompt) + params.max_new_tokens <= limit:
             return history, prompt, dropped
-        if cfg.overflow != "drop_oldest" or len(history) < 2:
+        starts = turn_starts(history)
+        cut = next((i for i in starts if i > 0), len(history))
+        kept = starts[-1] if asked[0].role == "tool" else len(history)  # the turn whose calls are answered stays
+        if cfg.overflow != "drop_oldest" or not history or cut > kept:
             what = "the session's max_tokens" if limit < model_limit else "the model's context"
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, more than "
                 f"{what} of {limit}; send a shorter message, ask for fewer new tokens, start a new session, "
                 "or set session.overflow = 'drop_oldest'"
             )
-        history, dropped = history[2:], dropped + 1
+        history, dropped = history[cut:], dropped + 1

@@ -154,12 +154,14 @@ class Journal:
         reply this model wrote (same fingerprint) whose ids spell its text; every other message is tokenized
         from its text, so stored ids can never put control tokens into a prompt."""
         same = record.fingerprint == self.fingerprint
-        return [
-            m
-            if m.token_ids is None or (same and m.role == "assistant" and self.template.spells(m.token_ids, m.content))
-            else m.model_copy(update={"token_ids": None})
-            for m in record.messages
-        ]
+
+        def trusted(m: Message) -> bool:  # a reply's ids begin with its text (all of it, unless it calls tools)
+            ids = m.token_ids
+            return ids is None or (
+                same and m.role == "assistant" and self.template.spells(ids, m.content, start=bool(m.tool_calls))
+            )
+
+        return [m if trusted(m) else m.model_copy(update={"token_ids": None}) for m in record.messages]
 
     # -- leases ------------------------------------------------------------------------------------
 
