@@ -4,6 +4,7 @@ and a real redis-server started on a free loopback port for the test session."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -67,6 +68,26 @@ def tiny_llama(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     )
     model = LlamaForCausalLM(config).to(dtype)
     return LoadedModel.wrap(model, tokenizer, name=f"tiny-{seed}")
+
+
+def scripted_llama(tokenizer, text: str, after: int, end: int) -> LoadedModel:
+    """A real Llama whose weights make it write `text` greedily whenever the last token is `after`, then `end`:
+    its layers are zero, so each position's logits come from its own token alone (a bigram table), and each
+    token of the script has a one-hot embedding its head maps to the next. Every token of `text` must differ
+    from the others; any other token's logits are all zero (token 0)."""
+    script = [after, *tokenizer(text, add_special_tokens=False).input_ids, end]
+    assert len(set(script[:-1])) == len(script) - 1, "each token of the script once"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.model.norm.weight.fill_(1.0)
+        for i, (token, following) in enumerate(itertools.pairwise(script)):
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[following, i] = 10.0
+    return LoadedModel.wrap(model, tokenizer, name="scripted")
 
 
 @pytest.fixture(scope="session")

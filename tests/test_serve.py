@@ -115,7 +115,11 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
          "frequency_penalty"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": None}]}, 400, "needs content"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
-          "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]}, 400, "tool calls"),
+          "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]}, 400, "function"),
+        ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+          "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+          {"role": "user", "content": "hi"}]}, 400, "before the results"),
+        ({"model": "MODEL", "messages": [{"role": "tool", "content": "r"}]}, 400, "tool_call_id"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "nope"}, 404, "nope"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "a b"}, 400, "session id"),
@@ -123,7 +127,7 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
         (
             {"model": "MODEL", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
             400,
-            "whole turns",
+            "out of order",
         ),
         # Nothing is coerced, and OpenAI's limits hold.
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
@@ -142,7 +146,7 @@ def test_bad_requests_get_an_openai_shaped_error_with_the_right_status(server, c
     assert says in error["message"] and error["type"] and "Traceback" not in response.text
     if says == "context":
         assert error["code"] == "context_length_exceeded"
-    if status == 400 and says not in ("context", "last message", "whole turns", "nope", "session id"):
+    if status == 400 and says not in ("context", "last message", "nope", "session id"):
         assert error["param"], error  # which parameter, as OpenAI says it
     if says in ("n", "tools", "tool_choice", "top_logprobs"):
         assert error["param"] == says and error["code"] == "unsupported_value"

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from chatrt.async_runtime import AsyncChatRuntime
 from chatrt.config import ServeConfig
-from chatrt.engine import Piece
+from chatrt.engine import Piece, TokenLogprob
 from chatrt.errors import (
     ChatrtError,
     ConfigError,
@@ -52,10 +52,10 @@ from chatrt.runtime import check_session_id
 from chatrt.serve import wire
 from chatrt.serve.stateless import Conversations, digest
 from chatrt.serve.tenants import Tenant, Tenants
-from chatrt.serve.tools import ToolRequestError
 from chatrt.session import Session
 from chatrt.stats import TurnStats
-from chatrt.template import Message
+from chatrt.template import Message, ToolCall, order_problem
+from chatrt.tools import Holdback, ToolError, tool_use
 from chatrt.turn import AsyncTurn, Reply
 
 M = TypeVar("M", bound=BaseModel)
@@ -88,6 +88,8 @@ def http_error(e: ChatrtError) -> HTTPError:
     message = str(e)
     if isinstance(e, ContextLengthError):
         return HTTPError(400, message, "invalid_request_error", "context_length_exceeded")
+    if isinstance(e, ToolError):
+        return HTTPError(400, message, "invalid_request_error", "unsupported_value", param=e.param)
     if isinstance(e, SchemaError):
         return HTTPError(400, message, "invalid_request_error", "invalid_value", param="response_format")
     if isinstance(e, InvalidMessage | ConfigError):
@@ -192,12 +194,16 @@ class Server:
                     tenant: Tenant) -> list[tuple[Session, AsyncTurn]]:  # fmt: skip
         """Choice 0 is answered by the session that holds the conversation; each other choice by a fork of it,
         which references its cache and goes on as a conversation of its own."""
-        session, text, scope = self.resolve(req, header, tenant)
+        session, asked, scope = self.resolve(req, header, tenant)
         sessions, turns = [session], []
         try:
             sessions += [self.fork(tenant, session, None) for _ in range(1, req.n or 1)]
             for k, s in enumerate(sessions):
-                turns.append(s.stream(text, **req.options(choice=k)))
+                options = req.options(choice=k)
+                if asked[0].role == "user":
+                    turns.append(s.stream(asked[0].content, **options))
+                else:
+                    turns.append(s.stream_results({m.tool_call_id: m.content for m in asked}, **options))
         except BaseException:
             if scope is not None:
                 for s in sessions:
@@ -208,23 +214,30 @@ class Server:
                 turn.add_done_callback(lambda t, s=s: self.give_back(scope, s, t.transcript))
         return [(s, AsyncTurn(turn)) for s, turn in zip(sessions, turns, strict=True)]
 
-    def resolve(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[Session, str, str | None]:
-        """The session of `tenant` that answers this request, the user message to send it, and for a stateless
-        client the scope its conversations are matched in (its session is given back to the index under it once
-        its turn has finished). Blocks (Redis may be asked)."""
+    def resolve(self, req: wire.ChatRequest, header: str | None, tenant: Tenant) -> tuple[
+        Session, list[Message], str | None
+    ]:  # fmt: skip
+        """The session of `tenant` that answers this request, what it answers (the user message, or the results
+        of its last reply's calls), and for a stateless client the scope its conversations are matched in (its
+        session is given back to the index under it once its turn has finished). Blocks (Redis may be asked)."""
         messages = joined_system([_message(m) for m in req.messages])
-        if messages[-1].role != "user":
-            raise HTTPError(400, "the last message must be the user's", "invalid_request_error", param="messages")
+        results = len(messages) - next(i for i in range(len(messages), 0, -1) if messages[i - 1].role != "tool")
+        asked = messages[-results:] if results else messages[-1:]
+        if asked[0].role not in ("user", "tool"):
+            raise HTTPError(400, "the last message must be the user's, or the results of the last reply's tool calls",
+                            "invalid_request_error", param="messages")  # fmt: skip
+        earlier = messages[: -len(asked)]
         session_id = header or req.session_id
         if session_id is not None:
             session = self.rt.session(tenant.internal(check_session_id(session_id)))
-            held = [Message(role=m.role, content=m.content) for m in session.transcript]
-            if len(messages) > 1 and messages[:-1] != held:
+            if earlier and [m.digest_form() for m in earlier] != [m.digest_form() for m in session.transcript]:
                 raise HTTPError(400, f"the messages do not continue session {session_id}: with a session id, send "
-                                "only the new user message", "invalid_request_error")  # fmt: skip
-            return session, messages[-1].content, None
-        system = messages[0].content if messages[0].role == "system" else None
-        history = messages[1:-1] if system is not None else messages[:-1]
+                                "only the new user message or the tool results", "invalid_request_error")  # fmt: skip
+            return session, asked, None
+        system = earlier[0].content if earlier and earlier[0].role == "system" else None
+        history = earlier[1:] if system is not None else earlier
+        if problem := order_problem([*history, *asked]):
+            raise HTTPError(400, f"the messages are out of order: {problem}", "invalid_request_error", param="messages")
         scope = cache_scope(tenant, req.user, req.cache_salt)
         claimed = self.conversations.claim(scope, system, history)
         if claimed is not None:
@@ -233,9 +246,9 @@ class Server:
                 if not session.closed and digest(scope, session.system_prompt, session.messages) == digest(
                     scope, system, history
                 ):
-                    return session, messages[-1].content, scope
+                    return session, asked, scope
                 self.give_back(scope, session, session.messages)  # used by id meanwhile: another conversation
-        return self.open(tenant, system, messages=history, scope=scope), messages[-1].content, scope
+        return self.open(tenant, system, messages=history, scope=scope), asked, scope
 
     def open(self, tenant: Tenant, system_prompt: str | None, *, session_id: str | None = None,
              messages: Sequence[Message] = (), scope: str | None = None) -> Session:  # fmt: skip
@@ -298,14 +311,15 @@ class Server:
     async def complete(self, answers: list[tuple[Session, AsyncTurn]], req: wire.ChatRequest,
                        tenant: Tenant) -> wire.ChatCompletion:  # fmt: skip
         """The whole reply, one choice per turn (they run together, batched by the engine)."""
-        replies, tool = await asyncio.gather(*(turn.result() for _, turn in answers)), req.forced_tool
+        replies = await asyncio.gather(*(turn.result() for _, turn in answers))
         choices = []
         for k, reply in enumerate(replies):
-            calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
+            calls = reply.tool_calls
             choices.append(wire.Choice(
                 index=k,
-                message=wire.ReplyMessage(content=None if calls else reply.text, tool_calls=calls),
-                finish_reason=wire.finish_reason(reply.stats.finish_reason, calls, tool),
+                message=wire.ReplyMessage(content=reply.text if reply.text or not calls else None,
+                                          tool_calls=wire.tool_calls(calls)),
+                finish_reason=wire.finish_reason(reply.stats.finish_reason, calls, named(answers[k][1])),
                 logprobs=wire.choice_logprobs(self.rt.lm.tokenizer, reply.logprobs),
             ))  # fmt: skip
         first = replies[0].stats
@@ -323,18 +337,32 @@ class Server:
                      tenant: Tenant) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         """The reply as SSE events, each choice's pieces as they come (`index` says whose). The turns begin (and
         a bad request fails with its status) before the response does; a client that disconnects stops them,
-        and each keeps what was sent as its reply. A forced tool call goes out whole, in one delta at its end."""
+        and each keeps what was sent as its reply. Tool calls go out whole, in one delta at the end: the text of a
+        reply that may call tools is held back from where a call may begin, and a forced call's all along."""
         turns = [turn for _, turn in answers]
         firsts = await asyncio.gather(*(anext(turn, None) for turn in turns), return_exceptions=True)
         if failed := next((f for f in firsts if isinstance(f, BaseException)), None):
             for turn in turns:
                 await turn.aclose()
             raise failed
-        cid, created, tool, session_id = wire.completion_id(), wire.now(), req.forced_tool, answers[0][0].id
+        cid, created, session_id = wire.completion_id(), wire.now(), answers[0][0].id
+        uses = [turn.sync.tools for turn in turns]
+        holds = [Holdback() if use is not None and use.forced is None else None for use in uses]
+        held: list[list[TokenLogprob]] = [[] for _ in turns]  # logprobs of text not shown yet, per choice
 
-        def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None,
-                  piece: str = "") -> dict[str, str]:  # fmt: skip
-            logprobs = wire.choice_logprobs(self.rt.lm.tokenizer, piece.logprobs) if isinstance(piece, Piece) else None
+        def shown(k: int, piece: str) -> str:
+            """What of the piece the client sees now."""
+            if isinstance(piece, Piece) and piece.logprobs is not None:
+                held[k] += piece.logprobs
+            use, hold = uses[k], holds[k]
+            return piece if use is None else hold.feed(piece) if hold is not None else ""
+
+        def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> (
+            dict[str, str]
+        ):  # fmt: skip
+            logprobs = None
+            if delta.content and turns[k].sync.params.logprobs is not None:
+                logprobs, held[k] = wire.choice_logprobs(self.rt.lm.tokenizer, held[k]), []
             choices = [] if use is not None else [
                 wire.ChunkChoice(index=k, delta=delta, finish_reason=finish, logprobs=logprobs)]  # fmt: skip
             body = wire.ChatCompletionChunk(id=cid, created=created, model=self.model_id, choices=choices,
@@ -343,14 +371,15 @@ class Server:
 
         async def finish(k: int) -> tuple[Reply, list[dict[str, str]]]:
             reply = await turns[k].result()  # finished: the recorded reply and its stats
-            calls = wire.tool_calls(tool, reply.text, reply.stats.finish_reason)
-            out = []
-            if calls:
+            hold, out = holds[k], []
+            rest = hold.rest(reply.text) if hold is not None else reply.text if uses[k] is not None else ""
+            if rest:  # what was held back and is text after all
+                out.append(chunk(k, wire.Delta(content=rest)))
+            if calls := wire.tool_calls(reply.tool_calls):
                 deltas = [wire.DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)]
                 out.append(chunk(k, wire.Delta(tool_calls=deltas)))
-            elif tool is not None and reply.text:  # cut short: the text after all
-                out.append(chunk(k, wire.Delta(content=reply.text)))
-            out.append(chunk(k, wire.Delta(), wire.finish_reason(reply.stats.finish_reason, calls, tool)))
+            reason = wire.finish_reason(reply.stats.finish_reason, reply.tool_calls, named(turns[k]))
+            out.append(chunk(k, wire.Delta(), reason))
             return reply, out
 
         async def events() -> AsyncIterator[dict[str, str]]:
@@ -371,8 +400,8 @@ class Server:
                         for event in last:
                             yield event
                         continue
-                    if tool is None:
-                        yield chunk(k, wire.Delta(content=piece), piece=piece)
+                    if text := shown(k, piece):
+                        yield chunk(k, wire.Delta(content=text))
                     reading[asyncio.ensure_future(anext(turns[k], None))] = k
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield chunk(0, wire.Delta(), use=usage(replies[0].stats, sum(r.stats.generated_tokens
@@ -495,7 +524,25 @@ def _message(m: wire.WireMessage) -> Message:
         text = m.text()
     except ValueError as e:
         raise HTTPError(400, str(e), "invalid_request_error") from None
-    return Message(role="system" if m.role == "developer" else m.role, content=text)
+    calls = tuple(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or ())
+    return Message(role="system" if m.role == "developer" else m.role, content=text, tool_calls=calls,
+                   tool_call_id=m.tool_call_id)  # fmt: skip
+
+
+def wire_message(m: Message) -> dict[str, Any]:
+    """A transcript message as OpenAI's messages carry it."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in wire.tool_calls(m.tool_calls) or ()]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def named(turn: AsyncTurn) -> bool:
+    """Whether the turn forced a call of a function the client named."""
+    use = turn.sync.tools
+    return use is not None and use.forced is not None and use.forced.name is not None
 
 
 def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
@@ -575,10 +622,8 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         if unsupported := req.unsupported(server.rt.lm.info.vocab_size):
             param, message = unsupported
             raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
-        try:
-            _ = req.forced_tool  # worked out (and refused) before any session is touched
-        except ToolRequestError as e:
-            raise HTTPError(400, str(e), "invalid_request_error", "unsupported_value", param=e.param) from None
+        tool_use(req.tools, req.tool_choice, takes_tools=server.rt.template.takes_tools)  # refused before any
+        # session is touched
         header = request.headers.get(SESSION_HEADER)
         if (req.n or 1) > (most := server.rt.config.engine.max_batch):
             raise HTTPError(400, f"n is at most {most} here (engine.max_batch: the choices decode as one batch)",
@@ -637,7 +682,7 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
             "session_id": session_id,
             "object": "session",
             "system_prompt": session.sync.system_prompt,
-            "messages": [{"role": m.role, "content": m.content} for m in session.sync.messages],
+            "messages": [wire_message(m) for m in session.sync.messages],
             "stats": session.stats().model_dump() | {"session_id": session_id},
         }
 

@@ -1,10 +1,10 @@
 """Session reuse for clients that know nothing of sessions: a plain OpenAI client resends the whole conversation
-each turn. Its history (system prompt, then whole turns) is matched to the idle open session whose transcript is
-exactly that history, so the session's cached ids are a prefix of the new prompt and only the new message is
-prefilled. vLLM and SGLang get there block by block through their prefix caches; here it is the session's own
-KV, exact to the token.
+each turn. Its history (system prompt, then whole turns, tool calls and results included) is matched to the idle
+open session whose transcript is exactly that history, so the session's cached ids are a prefix of the new prompt
+and only the new message is prefilled. vLLM and SGLang get there block by block through their prefix caches; here
+it is the session's own KV, exact to the token.
 
-Sessions are indexed by a sha256 of their transcript's roles and texts while idle; a request claims one (so
+Sessions are indexed by a sha256 of their transcript's roles, texts and calls while idle; a request claims one (so
 two requests never share it), and gives it back, under the transcript its turn recorded, once that turn has
 finished. Beyond `capacity` idle sessions, the least recently used are handed back to be closed, and so is a
 session whose transcript another one given back later holds too: every open stateless session is either
@@ -26,7 +26,7 @@ def digest(scope: str, system_prompt: str | None, messages: list[Message]) -> st
     """What identifies a conversation's text (token ids aside: a reply's text is what a client sends back), within
     a scope: a client's conversation is matched only to sessions of its own scope (its tenant, narrowed by the
     request's `user` or `cache_salt`)."""
-    body = json.dumps([scope, system_prompt, [(m.role, m.content) for m in messages]], ensure_ascii=False)
+    body = json.dumps([scope, system_prompt, [m.digest_form() for m in messages]], ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()
 
 

@@ -9,7 +9,6 @@ Responses carry the fields the official clients read.
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,34 +17,60 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
+from chatrt import message
 from chatrt.engine import FinishReason, TokenLogprob
-from chatrt.serve import tools
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 StopString = Annotated[str, Field(min_length=1)]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as JSON text."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SentToolCall(ToolCall):
+    """A call as a client sends it back in an assistant message (a streamed one's may keep its index)."""
+
+    model_config = STRICT
+    index: int | None = None
+
+
 class WireMessage(BaseModel):
     model_config = STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     """Text, or OpenAI's list of content parts (only text parts); an assistant's may be null."""
     name: str | None = None
+    tool_calls: list[SentToolCall] | None = None
+    """An assistant message's calls, sent back as they came."""
+    tool_call_id: str | None = None
+    """A tool message's: the call it is the result of."""
     # What a response's message carries, sent back as it came (`messages.append(message.model_dump())`):
     refusal: str | None = None
     annotations: list[Any] | None = None
     audio: Any = None
     function_call: Any = None
-    tool_calls: list[Any] | None = None
 
     @model_validator(mode="after")
     def _honourable(self) -> WireMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls or self.function_call is not None:
-            raise ValueError("tool calls sent back in the history are not supported yet; send the tool's result "
-                             "as a user message")  # fmt: skip
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id: the id of the call it "
+                             "answers")  # fmt: skip
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message makes tool_calls")
+        if self.function_call is not None:
+            raise ValueError("function_call is the deprecated form of a call: send tool_calls")
         if self.audio is not None:
             raise ValueError("audio is not supported: send text")
         return self
@@ -129,15 +154,8 @@ class ChatRequest(BaseModel):
         ]  # fmt: skip
         return next(((param, f"{why} is not supported") for param, bad, why in checks if bad), None)
 
-    @functools.cached_property
-    def forced_tool(self) -> tools.ForcedTool | None:
-        """The tool call this request forces (None: a text reply), worked out once; raises ToolRequestError."""
-        return tools.forced(self.tools, self.tool_choice)
-
     def response_schema(self) -> dict[str, Any] | None:
         """The JSON schema the reply must follow, as chatrt's `response_format` option takes it (None: text)."""
-        if (tool := self.forced_tool) is not None:
-            return {"type": "json_schema", "json_schema": {"schema": tool.schema}}
         if self.response_format is None or self.response_format.type == "text":
             return None
         return self.response_format.model_dump(exclude_none=True)
@@ -159,6 +177,8 @@ class ChatRequest(BaseModel):
             "stop": tuple(stop) if stop is not None else None,
             "response_format": self.response_schema(),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "tools": self.tools or None,
+            "tool_choice": self.tool_choice,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -192,18 +212,6 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str
-    """The arguments as JSON text."""
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class DeltaToolCall(ToolCall):
     index: int
 
@@ -215,13 +223,9 @@ class ReplyMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-def tool_calls(tool: tools.ForcedTool | None, text: str, reason: FinishReason) -> list[ToolCall] | None:
-    """The calls a forced tool's reply makes (None: no tool was forced, or the reply ended before its grammar did,
-    at the token limit or a stop string: then it goes back as text)."""
-    if tool is None or reason != "stop":
-        return None
-    return [ToolCall(id=tools.call_id(), function=FunctionCall(name=name, arguments=arguments))
-            for name, arguments in tool.calls(text)]  # fmt: skip
+def tool_calls(calls: Sequence[message.ToolCall]) -> list[ToolCall] | None:
+    """A reply's calls as OpenAI's messages carry them (None: it makes none)."""
+    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls] or None
 
 
 class TopLogprob(BaseModel):
@@ -341,11 +345,10 @@ def now() -> int:
     return int(time.time())
 
 
-def finish_reason(reason: FinishReason, calls: list[ToolCall] | None = None,
-                  tool: tools.ForcedTool | None = None) -> str:  # fmt: skip
+def finish_reason(reason: FinishReason, calls: Sequence[message.ToolCall] = (), named: bool = False) -> str:
     """OpenAI's names: a stop token or string is "stop", the token limit "length"; a reply stopped by its
-    client never reaches it. A call of a function the client named ends with "stop" (as OpenAI's does), one the
-    model chose with "tool_calls"."""
-    if calls and tool is not None and tool.name is None:
+    client never reaches it. A reply that calls tools the model chose ends with "tool_calls", one that calls the
+    function the client named with "stop" (as OpenAI's does)."""
+    if calls and not named:
         return "tool_calls"
     return "length" if reason == "length" else "stop"
