@@ -8,7 +8,7 @@ holds no thread while it waits for the model (`chatrt.turn.AsyncTurn`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -59,6 +59,10 @@ class AsyncSession(_Closing):
     async def send(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
         return await self.stream(text, **options).result()
 
+    async def send_results(self, results: Mapping[str, str], **options: Unpack[TurnOptions]) -> Reply:
+        """`Session.send_results`: answer the last reply's tool calls with their results, {call id: text}."""
+        return await self.stream_results(results, **options).result()
+
     async def fork(self, session_id: str | None = None) -> AsyncSession:
         """`Session.fork`: a new session that goes on from this one as it is now, sharing its KV."""
         return AsyncSession(await asyncio.to_thread(self.sync.fork, session_id))
@@ -74,6 +78,9 @@ class AsyncSession(_Closing):
         loop ends. Leaving early (break and `aclose()`, or the task cancelled) stops generation: the text so far
         is the reply, as with `Session.stream`."""
         return AsyncTurn(self.sync.stream(text, **options))
+
+    def stream_results(self, results: Mapping[str, str], **options: Unpack[TurnOptions]) -> AsyncTurn:
+        return AsyncTurn(self.sync.stream_results(results, **options))
 
     def stream_regenerate(self, **options: Unpack[TurnOptions]) -> AsyncTurn:
         return AsyncTurn(self.sync.stream_regenerate(**options))

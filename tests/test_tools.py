@@ -263,3 +263,37 @@ def test_the_oldest_turns_are_dropped_whole_but_never_the_one_answered(tools_lm)
         s = rt.open_session(None, messages=CONVERSATION[1:3])
         with pytest.raises(Exception, match="max_tokens"):
             s.send_results({"c1": "x " * 200, "c2": "y"})
+
+
+def test_a_session_waiting_for_results_resumes_elsewhere_with_its_calls(tools_lm, redis_url, redis_client):
+    from chatrt.errors import SessionClosed
+    from tests.conftest import live_keys, tiered
+
+    first = tiered(tools_lm, redis_url, max_new_tokens=40)
+    s = first.open_session("You check the weather.", session_id="agent-1")
+    asked = s.send("Weather in Lima?", tools=[WEATHER], tool_choice="required")
+    transcript = s.transcript
+    first.close()  # shutdown: the session stays in Redis with its KV, waiting for the call's result
+    with pytest.raises(SessionClosed):
+        s.send_results({asked.tool_calls[0].id: "sunny"})
+    with tiered(tools_lm, redis_url, max_new_tokens=12) as second:
+        resumed = second.session("agent-1")
+        assert resumed.transcript == transcript  # the call, with the ids that wrote it: they begin with its text
+        answer = resumed.send_results({asked.tool_calls[0].id: "sunny"}, tools=[WEATHER])
+        asking = resumed.template.render(transcript[:-1], tools=[WEATHER])
+        assert answer.stats.kv_source == "redis"
+        assert answer.stats.reused_session_tokens >= len(asking) + len(asked.token_ids)  # the call's KV too
+        assert_greedy(tools_lm, resumed.template.render(resumed.transcript[:-1], tools=[WEATHER]),
+                      answer.token_ids, 12)  # fmt: skip
+        resumed.close()
+    assert live_keys(redis_client) == []
+
+
+async def test_the_async_twin_answers_results_as_the_sync_session(rt, tools_lm):
+    from chatrt import AsyncChatRuntime
+
+    s = await AsyncChatRuntime(rt).open_session("You check the weather.")
+    asked = await s.send("Weather in Paris?", tools=[WEATHER], tool_choice="required", max_new_tokens=40)
+    answer = await s.send_results({c.id: "mild" for c in asked.tool_calls}, tools=[WEATHER])
+    assert [m.role for m in s.sync.messages] == ["user", "assistant", "tool", "assistant"]
+    assert_greedy(tools_lm, s.sync.template.render(s.sync.transcript[:-1], tools=[WEATHER]), answer.token_ids, 12)
