@@ -297,3 +297,13 @@ async def test_the_async_twin_answers_results_as_the_sync_session(rt, tools_lm):
     answer = await s.send_results({c.id: "mild" for c in asked.tool_calls}, tools=[WEATHER])
     assert [m.role for m in s.sync.messages] == ["user", "assistant", "tool", "assistant"]
     assert_greedy(tools_lm, s.sync.template.render(s.sync.transcript[:-1], tools=[WEATHER]), answer.token_ids, 12)
+
+
+def test_a_chat_template_is_one_chatrt_ships_or_a_file(tmp_path):
+    from chatrt.errors import ModelLoadError
+
+    assert "<tool_call>" in chat_template("chatml-tools")
+    (tmp_path / "mine.jinja").write_text("{{ messages[0].content }}")
+    assert chat_template(str(tmp_path / "mine.jinja")) == "{{ messages[0].content }}"
+    with pytest.raises(ModelLoadError, match="chatml-tools"):
+        chat_template(str(tmp_path / "missing.jinja"))
