@@ -88,8 +88,10 @@ def test_turn_options_type_every_generation_option():
 
     from chatrt.config import GenerationConfig, TurnOptions
 
-    # response_format is the turn's way to set json_schema (from a model class or OpenAI's object)
-    assert set(get_type_hints(TurnOptions)) == {*GenerationConfig.model_fields, "response_format"}
+    # response_format is the turn's way to set json_schema (from a model class or OpenAI's object); tools and
+    # tool_choice are the turn's alone (its prompt, and how its reply is read)
+    turn_only = {"response_format", "tools", "tool_choice"}
+    assert set(get_type_hints(TurnOptions)) == {*GenerationConfig.model_fields, *turn_only}
 
 
 @pytest.mark.parametrize(
