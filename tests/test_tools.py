@@ -245,7 +245,8 @@ def test_a_forced_call_then_its_result_then_the_answer(rt, tools_lm):
     assert [m.role for m in s.messages] == ["user", "assistant", "tool", "assistant"]
     assert s.messages[1].tool_calls == asked.tool_calls and s.messages[2].tool_call_id == asked.tool_calls[0].id
     prompt = s.template.render(s.transcript[:-1], tools=[WEATHER])
-    assert answer.stats.reused_session_tokens >= len(s.template.render(s.transcript[:2], tools=[WEATHER])) - 1
+    assert "<tool_call>" in s.template.decode(prompt)  # the forced call, as the template writes calls
+    assert answer.stats.reused_session_tokens == len(s.template.render(s.transcript[:2], tools=[WEATHER]))
     assert_greedy(tools_lm, prompt, answer.token_ids, 12)
     again = s.regenerate(tools=[WEATHER])  # answers the results again
     assert again.token_ids == answer.token_ids and [m.role for m in s.messages][-2:] == ["tool", "assistant"]
@@ -265,26 +266,29 @@ def test_the_oldest_turns_are_dropped_whole_but_never_the_one_answered(tools_lm)
             s.send_results({"c1": "x " * 200, "c2": "y"})
 
 
-def test_a_session_waiting_for_results_resumes_elsewhere_with_its_calls(tools_lm, redis_url, redis_client):
+def test_a_session_waiting_for_results_resumes_elsewhere_with_its_calls(tools_tokenizer, redis_url, redis_client):
     from chatrt.errors import SessionClosed
-    from tests.conftest import live_keys, tiered
+    from tests.conftest import live_keys, scripted_llama, tiered
 
-    first = tiered(tools_lm, redis_url, max_new_tokens=40)
-    s = first.open_session("You check the weather.", session_id="agent-1")
-    asked = s.send("Weather in Lima?", tools=[WEATHER], tool_choice="required")
+    script = 'Let me check.<tool_call>{"name":"clock","arguments":{}}'
+    lm = scripted_llama(tools_tokenizer, script, after=tools_tokenizer("\n").input_ids[0],
+                        end=tools_tokenizer.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
+    first = tiered(lm, redis_url, max_new_tokens=40)
+    s = first.open_session("You tell the time.", session_id="agent-1")
+    asked = s.send("What time is it?", tools=[TIME])
+    assert asked.text == "Let me check." and [c.name for c in asked.tool_calls] == ["clock"]
     transcript = s.transcript
     first.close()  # shutdown: the session stays in Redis with its KV, waiting for the call's result
     with pytest.raises(SessionClosed):
-        s.send_results({asked.tool_calls[0].id: "sunny"})
-    with tiered(tools_lm, redis_url, max_new_tokens=12) as second:
+        s.send_results({asked.tool_calls[0].id: "noon"})
+    with tiered(lm, redis_url, max_new_tokens=40) as second:
         resumed = second.session("agent-1")
         assert resumed.transcript == transcript  # the call, with the ids that wrote it: they begin with its text
-        answer = resumed.send_results({asked.tool_calls[0].id: "sunny"}, tools=[WEATHER])
-        asking = resumed.template.render(transcript[:-1], tools=[WEATHER])
+        answer = resumed.send_results({asked.tool_calls[0].id: "noon"}, tools=[TIME])
+        asking = resumed.template.render(transcript[:-1], tools=[TIME])
         assert answer.stats.kv_source == "redis"
         assert answer.stats.reused_session_tokens >= len(asking) + len(asked.token_ids)  # the call's KV too
-        assert_greedy(tools_lm, resumed.template.render(resumed.transcript[:-1], tools=[WEATHER]),
-                      answer.token_ids, 12)  # fmt: skip
+        assert_greedy(lm, resumed.template.render(resumed.transcript[:-1], tools=[TIME]), answer.token_ids, 40)
         resumed.close()
     assert live_keys(redis_client) == []
 
