@@ -118,14 +118,14 @@ class Session:
         return self._turn(results_plan(results), options)
 
     def regenerate(self, **options: Unpack[TurnOptions]) -> Reply:
-        """Replace the last reply with a new one for the same user message."""
+        """Replace the last reply with a new one to what it answered (the user message, or the tool results)."""
         return self.stream_regenerate(**options).result()
 
     def stream_regenerate(self, **options: Unpack[TurnOptions]) -> Turn:
         return self._turn(regenerate_plan(self.messages), options)
 
     def edit(self, text: str, **options: Unpack[TurnOptions]) -> Reply:
-        """Replace the last user message (and its reply) and answer the new one."""
+        """Replace the last user message (and all that answered it) and answer the new one."""
         return self.stream_edit(text, **options).result()
 
     def stream_edit(self, text: str, **options: Unpack[TurnOptions]) -> Turn:

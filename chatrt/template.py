@@ -11,7 +11,6 @@ import re
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from chatrt.errors import InvalidMessage, TemplateError
@@ -105,7 +104,7 @@ class ChatTemplate:
         # A random tag, so no template literal and no message can be mistaken for a placeholder.
         self._tag = f"chatrt{secrets.token_hex(6)}"
         self._placeholder = re.compile(rf"<{self._tag}:(\d+)>")
-        self.prefix_ids = lru_cache(maxsize=256)(self._prefix_ids)
+        self.prefix_ids = functools.lru_cache(maxsize=256)(self._prefix_ids)
 
     def render(self, messages: list[Message], *, tools: Sequence[Mapping[str, Any]] = (),
                add_generation_prompt: bool = True) -> list[int]:  # fmt: skip

@@ -1,4 +1,4 @@
-"""A turn: one user message answered, as one object that always ends, exactly once.
+"""A turn: one user message (or one round of tool results) answered, as one object that always ends, exactly once.
 
     begin   hold the session (its lock, its lease), render the prompt, check its cache out of the tiers, pick
             the longest cached start, submit the request to the engine        (blocking: a thread runs it)

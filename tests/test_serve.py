@@ -120,6 +120,7 @@ def test_a_session_id_sends_only_the_new_message(server, client, tiny_lm):
           "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
           {"role": "user", "content": "hi"}]}, 400, "before the results"),
         ({"model": "MODEL", "messages": [{"role": "tool", "content": "r"}]}, 400, "tool_call_id"),
+        ({"model": "MODEL", "messages": [{"role": "tool", "content": "r", "tool_call_id": "c"}]}, 400, "did not make"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "nope"}, 404, "nope"),
         ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "session_id": "a b"}, 400, "session id"),

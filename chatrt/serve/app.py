@@ -221,8 +221,8 @@ class Server:
         of its last reply's calls), and for a stateless client the scope its conversations are matched in (its
         session is given back to the index under it once its turn has finished). Blocks (Redis may be asked)."""
         messages = joined_system([_message(m) for m in req.messages])
-        results = len(messages) - next(i for i in range(len(messages), 0, -1) if messages[i - 1].role != "tool")
-        asked = messages[-results:] if results else messages[-1:]
+        results = 1 + next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role != "tool"), -1)
+        asked = messages[results:] or messages[-1:]  # the tool results it ends with, or its last message
         if asked[0].role not in ("user", "tool"):
             raise HTTPError(400, "the last message must be the user's, or the results of the last reply's tool calls",
                             "invalid_request_error", param="messages")  # fmt: skip
@@ -346,16 +346,16 @@ class Server:
                 await turn.aclose()
             raise failed
         cid, created, session_id = wire.completion_id(), wire.now(), answers[0][0].id
-        uses = [turn.sync.tools for turn in turns]
-        holds = [Holdback() if use is not None and use.forced is None else None for use in uses]
+        tooled = [turn.sync.tools for turn in turns]
+        holds = [Holdback() if tools is not None and tools.forced is None else None for tools in tooled]
         held: list[list[TokenLogprob]] = [[] for _ in turns]  # logprobs of text not shown yet, per choice
 
         def shown(k: int, piece: str) -> str:
             """What of the piece the client sees now."""
             if isinstance(piece, Piece) and piece.logprobs is not None:
                 held[k] += piece.logprobs
-            use, hold = uses[k], holds[k]
-            return piece if use is None else hold.feed(piece) if hold is not None else ""
+            tools, hold = tooled[k], holds[k]
+            return piece if tools is None else hold.feed(piece) if hold is not None else ""
 
         def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> (
             dict[str, str]
@@ -372,7 +372,7 @@ class Server:
         async def finish(k: int) -> tuple[Reply, list[dict[str, str]]]:
             reply = await turns[k].result()  # finished: the recorded reply and its stats
             hold, out = holds[k], []
-            rest = hold.rest(reply.text) if hold is not None else reply.text if uses[k] is not None else ""
+            rest = hold.rest(reply.text) if hold is not None else reply.text if tooled[k] is not None else ""
             if rest:  # what was held back and is text after all
                 out.append(chunk(k, wire.Delta(content=rest)))
             if calls := wire.tool_calls(reply.tool_calls):
@@ -622,8 +622,8 @@ def create_app(art: AsyncChatRuntime, config: ServeConfig) -> FastAPI:
         if unsupported := req.unsupported(server.rt.lm.info.vocab_size):
             param, message = unsupported
             raise HTTPError(400, message, "invalid_request_error", "unsupported_value", param=param)
-        tool_use(req.tools, req.tool_choice, takes_tools=server.rt.template.takes_tools)  # refused before any
-        # session is touched
+        # tools and tool_choice checked (and refused) before any session is touched
+        tool_use(req.tools, req.tool_choice, takes_tools=server.rt.template.takes_tools)
         header = request.headers.get(SESSION_HEADER)
         if (req.n or 1) > (most := server.rt.config.engine.max_batch):
             raise HTTPError(400, f"n is at most {most} here (engine.max_batch: the choices decode as one batch)",
