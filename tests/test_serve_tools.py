@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import pytest
+import torch
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrt import ChatRuntime, Config
 from chatrt.model import LoadedModel, chat_template
@@ -110,8 +113,6 @@ def bundled_tools_server():
 
 @pytest.mark.bundled
 def test_the_bundled_model_calls_a_tool_and_answers_its_result_exactly(bundled_tools_server, bundled_folder):
-    import openai
-
     client = openai.OpenAI(base_url=bundled_tools_server, api_key="unused", max_retries=0)
     first = client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION, tools=[WEATHER],
                                            tool_choice="required")  # fmt: skip
@@ -125,8 +126,6 @@ def test_the_bundled_model_calls_a_tool_and_answers_its_result_exactly(bundled_t
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
     # The Python API, on the same weights and template, answers the same (level 1: one session, eager, float32).
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, weights_id = bundled_folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -154,3 +153,15 @@ def test_langchain_binds_a_tool_and_sends_its_result_back(bundled_tools_server):
     answer = llm.bind_tools([WEATHER]).invoke(messages)  # langchain writes the call's arguments anew
     assert answer.content and not answer.tool_calls
     assert answer.usage_metadata["input_token_details"]["cache_read"] > 0
+
+
+@pytest.mark.bundled
+def test_the_bundled_model_offered_tools_reads_them_and_may_answer_in_words(bundled_tools_server):
+    client = openai.OpenAI(base_url=bundled_tools_server, api_key="unused", max_retries=0)
+    plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=4)
+    offered = client.chat.completions.create(model="m", messages=QUESTION, tools=[WEATHER], max_tokens=24)
+    choice = offered.choices[0]
+    # The definitions are in the prompt (chatml-tools' system block); the 135M model answers in words here, as
+    # text with no calls. A model trained on the format writes <tool_call> blocks (the scripted model's tests).
+    assert offered.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the tools block: its text and WEATHER
+    assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None and choice.message.content
