@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chatrt.errors import ConfigError
+from chatrt.engine.grammar import Lazy, compile_calls
+from chatrt.errors import ConfigError, SchemaError
 from chatrt.message import ToolCall
 
 ARGUMENTS_ANY: dict[str, Any] = {"type": "object"}
@@ -51,6 +52,9 @@ class ToolUse:
 
     definitions: tuple[dict[str, Any], ...]
     forced: ForcedTool | None
+    calls: Lazy | None = None
+    """For calls the model chooses: the grammar each `<tool_call>` block it begins is held to (one of the tools,
+    with arguments valid under its parameters schema), as llama.cpp's lazy grammars."""
 
     def read(self, text: str, finished: bool) -> tuple[str, tuple[ToolCall, ...]]:
         """The reply's text before its calls, and the calls it makes. `finished`: the reply ended by itself (not
@@ -62,7 +66,12 @@ class ToolUse:
                 return "", (ToolCall(id=call_id(), name=self.forced.name, arguments=text),)
             call = json.loads(text)
             return "", (ToolCall(id=call_id(), name=call["name"], arguments=_json(call["arguments"])),)
-        return hermes_calls(text)
+        return hermes_calls(text) if self.calls is not None else (text, ())
+
+    @property
+    def free(self) -> bool:
+        """The model may call the tools or not (tool_choice "auto"): its text is read for calls as it comes."""
+        return self.forced is None and self.calls is not None
 
 
 def hermes_calls(text: str) -> tuple[str, tuple[ToolCall, ...]]:
@@ -137,23 +146,29 @@ def tool_use(tools: Sequence[Mapping[str, Any]] | None, choice: str | Mapping[st
     Raises ToolError for what cannot be honoured."""
     named = functions(tools or [])
     choice = "auto" if choice is None else choice
-    if not named or choice == "none":
+    if not named:
         if choice not in ("none", "auto"):
             raise ToolError("tool_choice", "tool_choice forces a call, but no tools were sent")
         return None
     definitions = tuple(dict(t) for t in tools or ()) if takes_tools else ()
+    if choice == "none":  # offered all the same (as vLLM does), so a prompt does not change with the choice
+        return ToolUse(definitions, None) if definitions else None
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for name, parameters in named.items()]  # fmt: skip
+    one_call = {"anyOf": calls} if len(calls) > 1 else calls[0]  # a call of any of the tools
     if choice == "auto":
         if not takes_tools:
             raise ToolError("tools", "tools with tool_choice auto need a chat template that takes tools, and this "
                             "model's takes none: set model.chat_template (chatrt ships 'chatml-tools' for ChatML "
                             'models such as the bundled one), or force a call with tool_choice "required" or a '
                             "named function")  # fmt: skip
-        return ToolUse(definitions, None)
+        try:
+            return ToolUse(definitions, None, compile_calls(CALL_START, CALL_END, one_call))
+        except SchemaError as e:
+            raise ToolError("tools", str(e)) from None
     if choice == "required":
-        options = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                    "required": ["name", "arguments"], "additionalProperties": False}
-                   for name, parameters in named.items()]  # fmt: skip
-        return ToolUse(definitions, ForcedTool({"anyOf": options} if len(options) > 1 else options[0], None))
+        return ToolUse(definitions, ForcedTool(one_call, None))
     function = choice.get("function") if isinstance(choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):

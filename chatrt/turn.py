@@ -281,7 +281,9 @@ class Turn:
             try:
                 start = reuse(prompt, taken.kv, session.prefix, p.prefixes, p.spill, p.engine.compute_kv,
                               session.borrow)  # fmt: skip
-                gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], self.params, started=started)
+                calls = self.tools.calls if self.tools is not None else None
+                gen = Generation(p.engine.lm, start.kv, prompt[len(start.kv or ()) :], self.params, started=started,
+                                 calls=calls)  # fmt: skip
                 request = p.engine.submit(gen)  # the engine loop runs it, batched with other turns
             except BaseException:
                 p.tiers.checkin(session.id, None)

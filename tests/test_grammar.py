@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from chatrt import ConfigError, SchemaError
 from chatrt.config import EngineConfig, GenerationConfig
 from chatrt.engine import Engine, Generation, Piece
-from chatrt.engine.grammar import ANY_OBJECT, Constraint, compile_schema, schema_of
+from chatrt.engine.grammar import ANY_OBJECT, Constraint, Triggered, compile_calls, compile_schema, schema_of
 
 CHOICE = {"type": "object", "properties": {"pick": {"enum": ["sea", "sky"]}, "ok": {"type": "boolean"}},
           "required": ["pick", "ok"], "additionalProperties": False}  # fmt: skip
@@ -186,3 +186,22 @@ def test_a_session_refuses_a_bad_schema_when_asked_and_answers_a_good_one(runtim
     reply = s.send("hi", response_format=CHOICE, max_new_tokens=60, logprobs=1)
     assert set(json.loads(reply.text)) == {"pick", "ok"}
     assert [e.token for e in reply.logprobs] == list(reply.token_ids)
+
+
+def test_a_lazy_grammar_holds_from_its_trigger_on(tokenizer):
+    lazy = compile_calls("<tool_call>", "</tool_call>", {"type": "object", "properties": {"name": {"const": "f"}},
+                                                         "required": ["name"]})  # fmt: skip
+    logits = torch.zeros(len(tokenizer))
+
+    def fed(text: str) -> Triggered:
+        held = Triggered(lazy, tokenizer, len(tokenizer), {2})
+        for token in tokenizer(text, add_special_tokens=False).input_ids:
+            assert held.mask(logits) is logits  # nothing is held before the trigger is whole
+            held.feed(token)
+        return held
+
+    held = fed("Sure, <tool_call>")
+    allowed = [tokenizer.decode([i]) for i in (held.mask(logits) > float("-inf")).nonzero().flatten().tolist()]
+    assert allowed and all(a.startswith(("\n", "{")) for a in allowed), allowed[:10]  # the call's JSON, next
+    assert fed("Sure, <tool_call>)").mask(logits) is logits  # its last token, ">)", went on with what no call
+    # can: the reply is left free

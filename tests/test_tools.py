@@ -11,13 +11,20 @@ from chatrt.errors import InvalidMessage
 from chatrt.model import LoadedModel, chat_template
 from chatrt.template import ChatTemplate, Message, ToolCall, order_problem
 from chatrt.tools import Holdback, ToolError, hermes_calls, tool_use
-from tests.conftest import assert_greedy
+from tests.conftest import assert_greedy, scripted_llama
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
     "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}}, "required": ["city"]},
 }}  # fmt: skip
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {"type": "object", "properties": {}}}}
+
+
+def scripted(tokenizer, text: str) -> LoadedModel:
+    """A model that writes `text` after its prompt (see conftest.scripted_llama), then ends its turn."""
+    return scripted_llama(tokenizer, text, after=tokenizer("\n").input_ids[0],
+                          end=tokenizer.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +96,11 @@ def test_a_stream_without_calls_shows_everything_in_the_end():
 
 def test_tool_choice_decides_what_the_reply_is():
     assert tool_use(None, None, takes_tools=False) is None
-    assert tool_use([WEATHER], "none", takes_tools=True) is None
+    offered = tool_use([WEATHER], "none", takes_tools=True)  # offered, not read for calls
+    assert offered is not None and offered.definitions == (WEATHER,) and not offered.free and offered.forced is None
+    assert tool_use([WEATHER], "none", takes_tools=False) is None
     auto = tool_use([WEATHER], "auto", takes_tools=True)
-    assert auto is not None and auto.forced is None and auto.definitions == (WEATHER,)
+    assert auto is not None and auto.free and auto.definitions == (WEATHER,)
     named = tool_use([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, takes_tools=False)
     assert named is not None and named.forced.name == "get_time" and named.definitions == ()
     required = tool_use([WEATHER, TIME], "required", takes_tools=True)
@@ -268,14 +277,12 @@ def test_the_oldest_turns_are_dropped_whole_but_never_the_one_answered(tools_lm)
 
 def test_a_session_waiting_for_results_resumes_elsewhere_with_its_calls(tools_tokenizer, redis_url, redis_client):
     from chatrt.errors import SessionClosed
-    from tests.conftest import live_keys, scripted_llama, tiered
+    from tests.conftest import live_keys, tiered
 
-    script = 'Let me check.<tool_call>{"name":"clock","arguments":{}}'
-    lm = scripted_llama(tools_tokenizer, script, after=tools_tokenizer("\n").input_ids[0],
-                        end=tools_tokenizer.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
+    lm = scripted(tools_tokenizer, 'Let me check.<tool_call>{"name":"clock","arguments":{}}')
     first = tiered(lm, redis_url, max_new_tokens=40)
     s = first.open_session("You tell the time.", session_id="agent-1")
-    asked = s.send("What time is it?", tools=[TIME])
+    asked = s.send("What time is it?", tools=[CLOCK])
     assert asked.text == "Let me check." and [c.name for c in asked.tool_calls] == ["clock"]
     transcript = s.transcript
     first.close()  # shutdown: the session stays in Redis with its KV, waiting for the call's result
@@ -284,11 +291,11 @@ def test_a_session_waiting_for_results_resumes_elsewhere_with_its_calls(tools_to
     with tiered(lm, redis_url, max_new_tokens=40) as second:
         resumed = second.session("agent-1")
         assert resumed.transcript == transcript  # the call, with the ids that wrote it: they begin with its text
-        answer = resumed.send_results({asked.tool_calls[0].id: "noon"}, tools=[TIME])
-        asking = resumed.template.render(transcript[:-1], tools=[TIME])
+        answer = resumed.send_results({asked.tool_calls[0].id: "noon"}, tools=[CLOCK], tool_choice="none")
+        asking = resumed.template.render(transcript[:-1], tools=[CLOCK])
         assert answer.stats.kv_source == "redis"
         assert answer.stats.reused_session_tokens >= len(asking) + len(asked.token_ids)  # the call's KV too
-        assert_greedy(lm, resumed.template.render(resumed.transcript[:-1], tools=[TIME]), answer.token_ids, 40)
+        assert_greedy(lm, resumed.template.render(resumed.transcript[:-1], tools=[CLOCK]), answer.token_ids, 40)
         resumed.close()
     assert live_keys(redis_client) == []
 
@@ -311,3 +318,16 @@ def test_a_chat_template_is_one_chatrt_ships_or_a_file(tmp_path):
     assert chat_template(str(tmp_path / "mine.jinja")) == "{{ messages[0].content }}"
     with pytest.raises(ModelLoadError, match="chatml-tools"):
         chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_a_call_the_model_begins_is_held_to_the_tools_it_was_offered(tools_tokenizer):
+    """Once a reply writes <tool_call>, what follows is one of the tools' calls (llama.cpp's lazy grammars): a
+    model that would call a function it was not offered, in JSON written its own way, calls one it was."""
+    lm = scripted(tools_tokenizer, 'Sure.<tool_call>{"name":"clack","arguments":{}}')
+    config = Config().with_values(generation={"max_new_tokens": 40}, engine={"compile": "off"})
+    with ChatRuntime(lm, config) as rt:
+        free = rt.open_session().send("Time?", tools=[CLOCK], tool_choice="none")
+        assert free.text == 'Sure.<tool_call>{"name":"clack","arguments":{}}' and not free.tool_calls
+        held = rt.open_session().send("Time?", tools=[CLOCK])
+        assert held.text == "Sure." and [(c.name, c.arguments) for c in held.tool_calls] == [("clock", "{}")]
+        assert held.stats.finish_reason == "stop"

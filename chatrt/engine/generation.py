@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from chatrt.cache.kv import KV, new_cache
 from chatrt.config import GREEDY_BELOW, GenerationConfig
-from chatrt.engine.grammar import Constraint, compile_schema
+from chatrt.engine.grammar import Constraint, Lazy, Triggered, compile_schema
 from chatrt.model import LoadedModel
 from chatrt.template import decode
 
@@ -166,6 +166,8 @@ class Generation:
     new_ids: list[int]
     params: GenerationConfig
     started: float = field(default_factory=time.perf_counter)
+    calls: Lazy | None = None
+    """The grammar of tool calls the reply may write, held from where it begins one (its trigger) on."""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason = "cancelled"
@@ -196,7 +198,7 @@ class Generation:
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None  # [V]: how often the reply holds each token (frequency, presence)
-    _constraint: Constraint | None = None
+    _constraint: Constraint | Triggered | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Each reply token's log-probability, when the params ask for them."""
     _told: int = 0  # reply tokens whose logprobs went out with a piece
@@ -217,6 +219,8 @@ class Generation:
         if self.params.json_schema is not None and not self.prefill_only:
             self._constraint = Constraint(compile_schema(self.params.json_schema), self.lm.tokenizer,
                                           self.lm.info.vocab_size, self.lm.stop_ids)  # fmt: skip
+        elif self.calls is not None and not self.prefill_only:
+            self._constraint = Triggered(self.calls, self.lm.tokenizer, self.lm.info.vocab_size, self.lm.stop_ids)
         self._t0 = time.perf_counter()
 
     # -- what the engine schedules and runs ----------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -88,6 +89,42 @@ def compile_schema(schema: Mapping[str, Any]) -> str:
         raise SchemaError(f"response_format: the JSON schema cannot be used: {e}") from None
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """A grammar that holds from where the reply writes `trigger` on (a compiled grammar that begins with it)."""
+
+    trigger: str
+    grammar: str
+
+
+def compile_calls(trigger: str, end: str, schema: Mapping[str, Any]) -> Lazy:
+    """One or more blocks `trigger` JSON `end` (a newline allowed inside each, and between them), the JSON valid
+    under `schema`, written compactly: the Hermes-style tool calls a model may write after its text."""
+    try:
+        body = json.dumps({**closed(schema), "x-guidance": _COMPACT})
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"tools: a function's parameters are not JSON: {e}") from None
+    lark = "\n".join([
+        "start: call (NL? call)*",
+        f"call: {json.dumps(trigger)} NL? body NL? {json.dumps(end)}",
+        f"body: %json {body}",
+        'NL: "\\n"',
+    ])  # fmt: skip
+    return Lazy(trigger, _compiled_lark(lark))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_lark(lark: str) -> str:
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    except ValueError as e:
+        raise SchemaError(f"tools: a function's parameters schema cannot be used: {e}") from None
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise SchemaError(f"tools: a function's parameters schema cannot be used: {messages[0]}")
+    return grammar
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: tuple[int, ...]) -> (
     llguidance.LLTokenizer
@@ -125,3 +162,41 @@ class Constraint:
     def _check(self) -> None:
         if self.matcher.is_error():
             raise SchemaError(f"response_format: the JSON schema cannot be followed: {self.matcher.get_error()}")
+
+
+class Triggered:
+    """A constraint that holds from where the reply writes its grammar's trigger on, as llama.cpp's lazy grammars:
+    before it every token may come; from it, only what the grammar allows. The trigger is looked for in the text
+    of the last tokens; the grammar is given the text from the trigger on (the trigger's token may hold more). A
+    reply that went on with what the grammar refuses, within that token, goes on free."""
+
+    WINDOW = 16  # tokens: more than any trigger's
+
+    def __init__(self, lazy: Lazy, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: Iterable[int]):
+        self.lazy, self.tokenizer = lazy, tokenizer
+        self._args = (tokenizer, vocab_size, tuple(stop_ids))
+        self.tail: list[int] = []
+        self.held: Constraint | None = None
+        self.free = False
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits ([V]), masked once the trigger was written."""
+        return self.held.mask(logits) if self.held is not None else logits
+
+    def feed(self, token: int) -> None:
+        if self.held is not None:
+            self.held.feed(token)
+            return
+        if self.free:
+            return
+        self.tail = [*self.tail, token][-self.WINDOW :]
+        text = self.tokenizer.decode(self.tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        start = text.find(self.lazy.trigger)
+        if start < 0:
+            return
+        held = Constraint(self.lazy.grammar, *self._args)
+        ids = self.tokenizer(text[start:], add_special_tokens=False).input_ids
+        if all(held.matcher.consume_token(t) for t in ids) and not held.matcher.is_error():
+            self.held = held
+        else:
+            self.free = True

@@ -347,7 +347,7 @@ class Server:
             raise failed
         cid, created, session_id = wire.completion_id(), wire.now(), answers[0][0].id
         tooled = [turn.sync.tools for turn in turns]
-        holds = [Holdback() if tools is not None and tools.forced is None else None for tools in tooled]
+        holds = [Holdback() if tools is not None and tools.free else None for tools in tooled]
         held: list[list[TokenLogprob]] = [[] for _ in turns]  # logprobs of text not shown yet, per choice
 
         def shown(k: int, piece: str) -> str:
@@ -355,7 +355,8 @@ class Server:
             if isinstance(piece, Piece) and piece.logprobs is not None:
                 held[k] += piece.logprobs
             tools, hold = tooled[k], holds[k]
-            return piece if tools is None else hold.feed(piece) if hold is not None else ""
+            forced = tools is not None and tools.forced is not None
+            return "" if forced else hold.feed(piece) if hold is not None else piece
 
         def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> (
             dict[str, str]
@@ -372,7 +373,8 @@ class Server:
         async def finish(k: int) -> tuple[Reply, list[dict[str, str]]]:
             reply = await turns[k].result()  # finished: the recorded reply and its stats
             hold, out = holds[k], []
-            rest = hold.rest(reply.text) if hold is not None else reply.text if tooled[k] is not None else ""
+            forced = tooled[k] is not None and tooled[k].forced is not None  # type: ignore[union-attr]
+            rest = hold.rest(reply.text) if hold is not None else reply.text if forced else ""
             if rest:  # what was held back and is text after all
                 out.append(chunk(k, wire.Delta(content=rest)))
             if calls := wire.tool_calls(reply.tool_calls):
