@@ -593,7 +593,9 @@ def _mib(n: int) -> str:
 def _info(args: argparse.Namespace) -> int:
     config = _config(args)
     rt = _runtime(args)
-    console.print_json(json.dumps({"model": rt.lm.info.model_dump(), "config": config.model_dump(mode="json")}))
+    template = {"takes_tools": rt.template.takes_tools}  # whether tools with tool_choice auto can be answered
+    console.print_json(json.dumps({"model": rt.lm.info.model_dump(), "chat_template": template,
+                                   "config": config.model_dump(mode="json")}))  # fmt: skip
     return 0
 
 

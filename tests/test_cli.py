@@ -23,6 +23,9 @@ def test_info_prints_the_model_and_its_fingerprint(capsys, bundled_lm):
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["fingerprint"] == bundled_lm.info.fingerprint
     assert out["config"]["model"]["dtype"] == "float32"
+    assert out["chat_template"] == {"takes_tools": False}  # the bundled SmolLM2's takes none
+    assert main(["info", "--dtype", "float32", "--chat-template", "chatml-tools"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template"] == {"takes_tools": True}
 
 
 def test_bench_writes_a_report_and_a_plot(tmp_path):
