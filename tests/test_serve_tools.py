@@ -164,3 +164,14 @@ def test_the_bundled_model_offered_tools_reads_them_and_may_answer_in_words(bund
     # text with no calls. A model trained on the format writes <tool_call> blocks (the scripted model's tests).
     assert offered.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the tools block: its text and WEATHER
     assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None and choice.message.content
+
+
+def test_results_sent_to_a_session_by_id_are_checked_against_its_calls(server, client):
+    first = client.chat.completions.create(model="any", messages=ASK, tools=[CLOCK])
+    sid, call = first.model_extra["session_id"], first.choices[0].message.tool_calls[0]
+    twice = [{"role": "tool", "tool_call_id": call.id, "content": "noon"}] * 2
+    response = httpx.post(f"{server}/chat/completions", json={"model": "any", "messages": twice, "session_id": sid})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
+    answer = client.chat.completions.create(model="any", messages=twice[:1], tools=[CLOCK],
+                                            extra_body={"session_id": sid})  # fmt: skip
+    assert answer.model_extra["chatrt"]["kv_source"] == "device" and answer.choices[0].message.tool_calls

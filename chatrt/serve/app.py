@@ -233,11 +233,11 @@ class Server:
             if earlier and [m.digest_form() for m in earlier] != [m.digest_form() for m in session.transcript]:
                 raise HTTPError(400, f"the messages do not continue session {session_id}: with a session id, send "
                                 "only the new user message or the tool results", "invalid_request_error")  # fmt: skip
+            in_order(session.messages, asked)  # as the session is now (its turn checks again, holding it)
             return session, asked, None
         system = earlier[0].content if earlier and earlier[0].role == "system" else None
         history = earlier[1:] if system is not None else earlier
-        if problem := order_problem([*history, *asked]):
-            raise HTTPError(400, f"the messages are out of order: {problem}", "invalid_request_error", param="messages")
+        in_order(history, asked)
         scope = cache_scope(tenant, req.user, req.cache_salt)
         claimed = self.conversations.claim(scope, system, history)
         if claimed is not None:
@@ -529,6 +529,13 @@ def _message(m: wire.WireMessage) -> Message:
     calls = tuple(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or ())
     return Message(role="system" if m.role == "developer" else m.role, content=text, tool_calls=calls,
                    tool_call_id=m.tool_call_id)  # fmt: skip
+
+
+def in_order(history: list[Message], asked: list[Message]) -> None:
+    """400 naming messages when what a request asks cannot follow the conversation (a result of a call not made,
+    one given twice, a user message before a call's result)."""
+    if problem := order_problem([*history, *asked]):
+        raise HTTPError(400, f"the messages are out of order: {problem}", "invalid_request_error", param="messages")
 
 
 def wire_message(m: Message) -> dict[str, Any]:
