@@ -7,8 +7,11 @@ from it.
     auto    the model decides: the functions go into the prompt through a chat template that takes `tools`, and
             calls are read from Hermes-style blocks in its text, `<tool_call>{"name": ..., "arguments": ...}
             </tool_call>` (vLLM's hermes parser; Qwen2.5, Qwen3 and Hermes models write them, and chatrt's
-            shipped `chatml-tools` template asks any ChatML model for them). A template that takes no tools
-            cannot offer them: auto is refused, saying so.
+            shipped `chatml-tools` template asks any ChatML model for them). Once the reply writes `<tool_call>`,
+            what follows is held to one of the tools' calls by a grammar (llama.cpp's lazy grammars). A template
+            that takes no tools cannot offer them: auto is refused, saying so.
+    none    the functions are offered all the same (as vLLM does: the prompt does not change with the choice),
+            and nothing is read from the reply.
 """
 
 from __future__ import annotations
