@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OLDEST := $(VENV)/transformers-5.17
 # test_grammar.py too: the grammar's token table is built from the tokenizer transformers loads.
 EXACTNESS := tests/test_engine.py tests/test_kv.py tests/test_model.py tests/test_session.py tests/test_template.py \
-  tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py tests/test_grammar.py
+  tests/test_turn.py tests/test_compiled.py tests/test_segments.py tests/test_sharing.py tests/test_grammar.py tests/test_tools.py
 
 .PHONY: chat test lint bench screenshot services
 
