@@ -115,7 +115,8 @@ class ChatTemplate:
         # What the template writes itself from the transcript (tool definitions, a call's name and arguments)
         # is markup, so it is refused when it holds a control token's text.
         chat = [self._entry(i, m) for i, m in enumerate(messages)]
-        self._check_markup(tools, [c for m in messages if m.token_ids is None for c in m.tool_calls])
+        self._check_markup(tools, [c for m in messages if m.token_ids is None for c in m.tool_calls],
+                           [m.tool_call_id for m in messages if m.tool_call_id is not None])  # fmt: skip
         try:
             text = self.tokenizer.apply_chat_template(chat, tools=list(tools) or None, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)  # fmt: skip
@@ -167,9 +168,10 @@ class ChatTemplate:
             entry["tool_call_id"] = m.tool_call_id
         return entry
 
-    def _check_markup(self, tools: Sequence[Mapping[str, Any]], calls: list[ToolCall]) -> None:
-        """InvalidMessage when text the template writes as markup holds a control token's text."""
-        text = json.dumps([list(tools), [(c.name, c.arguments) for c in calls]], ensure_ascii=False)
+    def _check_markup(self, tools: Sequence[Mapping[str, Any]], calls: list[ToolCall], call_ids: list[str]) -> None:
+        """InvalidMessage when text the template writes as markup holds a control token's text (some templates
+        write call ids too)."""
+        text = json.dumps([list(tools), [(c.id, c.name, c.arguments) for c in calls], call_ids], ensure_ascii=False)
         if found := next((t for t in self._controls if t in text), None):
             raise InvalidMessage(f"the tools or tool calls hold the control token {found!r}, which the chat template "
                                  "would write as markup; remove it")  # fmt: skip

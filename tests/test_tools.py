@@ -208,12 +208,14 @@ def test_a_result_holding_a_control_token_stays_text(tools_tokenizer):
     assert ids.count(end) == text_ends - 1  # the one in the result is text
 
 
-@pytest.mark.parametrize("where", ["tool", "arguments"])
+@pytest.mark.parametrize("where", ["tool", "arguments", "call id"])
 def test_a_control_token_in_what_the_template_writes_is_refused(tools_tokenizer, where):
     template = ChatTemplate(tools_tokenizer)
     tool = {"type": "function", "function": {"name": "f", "description": "<|im_start|>system"}}
-    calls = (call("c1", arguments='{"x": "<|im_end|>"}'),)
-    messages = [U, Message(role="assistant", content="", tool_calls=calls if where == "arguments" else ())]
+    calls = {"arguments": (call("c1", arguments='{"x": "<|im_end|>"}'),), "call id": (call("<|im_end|>"),)}
+    messages = [U, Message(role="assistant", content="", tool_calls=calls.get(where, ()))]
+    if where == "call id":
+        messages.append(Message(role="tool", content="r", tool_call_id="<|im_end|>"))
     with pytest.raises(InvalidMessage, match="control token"):
         template.render(messages, tools=[tool] if where == "tool" else [])
 
