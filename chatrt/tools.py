@@ -3,7 +3,9 @@ from it.
 
     forced  `tool_choice` names a function, or is "required": the reply is constrained to JSON that follows the
             function's parameters schema (for "required": one of the functions' name and arguments), as vLLM
-            does. Needs no tool-aware template, so it works with any model.
+            does. Needs no tool-aware template, so it works with any model. With a template that takes tools,
+            the reply is constrained to a call block as the template writes calls (`<tool_call>` JSON
+            `</tool_call>`), so later prompts hold it as the model wrote it, and its KV is reused.
     auto    the model decides: the functions go into the prompt through a chat template that takes `tools`, and
             calls are read from Hermes-style blocks in its text, `<tool_call>{"name": ..., "arguments": ...}
             </tool_call>` (vLLM's hermes parser; Qwen2.5, Qwen3 and Hermes models write them, and chatrt's
@@ -56,8 +58,9 @@ class ToolUse:
     definitions: tuple[dict[str, Any], ...]
     forced: ForcedTool | None
     calls: Lazy | None = None
-    """For calls the model chooses: the grammar each `<tool_call>` block it begins is held to (one of the tools,
-    with arguments valid under its parameters schema), as llama.cpp's lazy grammars."""
+    """The grammar of the call blocks the reply may write: for calls the model chooses, held from where it
+    begins one (one of the tools, with arguments valid under its parameters schema), as llama.cpp's lazy
+    grammars; for a forced call under a template that takes tools, from the first token."""
 
     def read(self, text: str, finished: bool) -> tuple[str, tuple[ToolCall, ...]]:
         """The reply's text before its calls, and the calls it makes. `finished`: the reply ended by itself (not
@@ -65,6 +68,8 @@ class ToolUse:
         if self.forced is not None:
             if not finished:
                 return text, ()
+            if self.calls is not None:  # written as a call block
+                return hermes_calls(text)
             if self.forced.name is not None:
                 return "", (ToolCall(id=call_id(), name=self.forced.name, arguments=text),)
             call = json.loads(text)
@@ -166,12 +171,9 @@ def tool_use(tools: Sequence[Mapping[str, Any]] | None, choice: str | Mapping[st
                             "model's takes none: set model.chat_template (chatrt ships 'chatml-tools' for ChatML "
                             'models such as the bundled one), or force a call with tool_choice "required" or a '
                             "named function")  # fmt: skip
-        try:
-            return ToolUse(definitions, None, compile_calls(CALL_START, CALL_END, one_call))
-        except SchemaError as e:
-            raise ToolError("tools", str(e)) from None
+        return ToolUse(definitions, None, call_blocks(one_call, lazy=True))
     if choice == "required":
-        return ToolUse(definitions, ForcedTool(one_call, None))
+        return forced_use(definitions, ForcedTool(one_call, None))
     function = choice.get("function") if isinstance(choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):
@@ -179,7 +181,27 @@ def tool_use(tools: Sequence[Mapping[str, Any]] | None, choice: str | Mapping[st
                         '{"type": "function", "function": {"name": ...}}')  # fmt: skip
     if name not in named:
         raise ToolError("tool_choice", f"tool_choice names {name!r}, which is not among the tools sent")
-    return ToolUse(definitions, ForcedTool(named[name], name))
+    return forced_use(definitions, ForcedTool(named[name], name), calls[list(named).index(name)])
+
+
+def forced_use(definitions: tuple[dict[str, Any], ...], forced: ForcedTool, call: dict[str, Any] | None = None) -> (
+    ToolUse
+):  # fmt: skip
+    """A forced call: bare JSON (`forced.schema`) with a template that takes no tools; with one that does, a call
+    block as the template writes calls, `call` (default: `forced.schema`, a call of any tool) in it."""
+    if not definitions:
+        return ToolUse(definitions, forced)
+    return ToolUse(definitions, forced, call_blocks(call or forced.schema, lazy=False))
+
+
+def call_blocks(call: dict[str, Any], *, lazy: bool) -> Lazy:
+    """The grammar of `<tool_call>` blocks, each holding a call valid under `call`: held from where the reply
+    begins one (`lazy`: as many as it writes), or from its first token (one call: the one forced)."""
+    try:
+        blocks = compile_calls(CALL_START, CALL_END, call, many=lazy)
+    except SchemaError as e:
+        raise ToolError("tools", str(e)) from None
+    return blocks if lazy else Lazy("", blocks.grammar)
 
 
 def call_id() -> str:

@@ -134,7 +134,8 @@ def turn_inputs(config: Config, template: ChatTemplate, options: TurnOptions | d
         if options.get("response_format") is not None or options.get("json_schema") is not None:
             raise ToolError("tool_choice", "a forced tool call and response_format both constrain the reply; ask "
                             "for one of them")  # fmt: skip
-        options["json_schema"] = tools.forced.schema
+        if tools.calls is None:  # bare JSON (else a call block, by the tools' grammar)
+            options["json_schema"] = tools.forced.schema
     return generation_params(config, options, vocab_size), tools
 
 
@@ -354,10 +355,6 @@ class Turn:
         # Keep the generated ids only when they spell the reply exactly (not after a stop string or a cancel).
         exact = self.session.template.decode(ids) == gen.text
         text, calls = self.tools.read(gen.text, gen.finish_reason == "stop") if self.tools else (gen.text, ())
-        if calls and self.tools.forced is not None and self.tools.definitions:  # type: ignore[union-attr]
-            # A forced call is bare JSON; a template that takes tools writes calls its own way, and later turns
-            # show the model that (as they would from a client's resent history): only the call is prefilled anew.
-            exact = False
         reply = Message(role="assistant", content=text, token_ids=ids if exact else None, tool_calls=calls)
         prefilled = len(r.prompt) - r.start.session_tokens - r.start.prefix_tokens
         self.session.parts.tiers.cost.observe("prefill", prefilled, gen.prefill_s + r.start.prefix_s)

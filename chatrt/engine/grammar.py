@@ -91,21 +91,23 @@ def compile_schema(schema: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Lazy:
-    """A grammar that holds from where the reply writes `trigger` on (a compiled grammar that begins with it)."""
+    """A grammar that holds from where the reply writes `trigger` on (a compiled grammar that begins with it);
+    with no trigger, from the reply's first token."""
 
     trigger: str
     grammar: str
 
 
-def compile_calls(trigger: str, end: str, schema: Mapping[str, Any]) -> Lazy:
-    """One or more blocks `trigger` JSON `end` (a newline allowed inside each, and between them), the JSON valid
-    under `schema`, written compactly: the Hermes-style tool calls a model may write after its text."""
+def compile_calls(trigger: str, end: str, schema: Mapping[str, Any], *, many: bool = True) -> Lazy:
+    """Blocks `trigger` JSON `end` (one or more; one alone unless `many`; a newline allowed inside each, and
+    between them), the JSON valid under `schema`, written compactly: the Hermes-style tool calls a model may write
+    after its text."""
     try:
         body = json.dumps({**closed(schema), "x-guidance": _COMPACT})
     except (TypeError, ValueError) as e:
         raise SchemaError(f"tools: a function's parameters are not JSON: {e}") from None
     lark = "\n".join([
-        "start: call (NL? call)*",
+        "start: call (NL? call)*" if many else "start: call",
         f"call: {json.dumps(trigger)} NL? body NL? {json.dumps(end)}",
         f"body: %json {body}",
         'NL: "\\n"',
@@ -168,7 +170,8 @@ class Triggered:
     """A constraint that holds from where the reply writes its grammar's trigger on, as llama.cpp's lazy grammars:
     before it every token may come; from it, only what the grammar allows. The trigger is looked for in the text
     of the last tokens; the grammar is given the text from the trigger on (the trigger's token may hold more). A
-    reply that went on with what the grammar refuses, within that token, goes on free."""
+    reply that went on with what the grammar refuses, within that token, goes on free. Without a trigger, the
+    grammar holds from the first token."""
 
     WINDOW = 16  # tokens: more than any trigger's
 
@@ -176,7 +179,7 @@ class Triggered:
         self.lazy, self.tokenizer = lazy, tokenizer
         self._args = (tokenizer, vocab_size, tuple(stop_ids))
         self.tail: list[int] = []
-        self.held: Constraint | None = None
+        self.held: Constraint | None = None if lazy.trigger else Constraint(lazy.grammar, *self._args)
         self.free = False
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
