@@ -29,7 +29,7 @@ from chatrt.cache.tiers import Checkout
 from chatrt.config import OTHER_NAMES, Config, GenerationConfig, TurnOptions
 from chatrt.engine import Generation, Request, TokenLogprob
 from chatrt.engine.grammar import compile_schema, schema_of
-from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage
+from chatrt.errors import ConfigError, ContextLengthError, InvalidMessage, SchemaError
 from chatrt.stats import TurnStats
 from chatrt.template import ChatTemplate, Message, ToolCall, check_text, order_problem, turn_starts
 from chatrt.tools import ToolError, ToolUse, tool_use
@@ -135,6 +135,10 @@ def turn_inputs(config: Config, template: ChatTemplate, options: TurnOptions | d
             raise ToolError("tool_choice", "a forced tool call and response_format both constrain the reply; ask "
                             "for one of them")  # fmt: skip
         if tools.calls is None:  # bare JSON (else a call block, by the tools' grammar)
+            try:
+                compile_schema(tools.forced.schema, "tools: a function's parameters schema")
+            except SchemaError as e:
+                raise ToolError("tools", str(e)) from None
             options["json_schema"] = tools.forced.schema
     return generation_params(config, options, vocab_size), tools
 

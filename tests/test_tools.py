@@ -334,3 +334,14 @@ def test_a_call_the_model_begins_is_held_to_the_tools_it_was_offered(tools_token
         held = rt.open_session().send("Time?", tools=[CLOCK])
         assert held.text == "Sure." and [(c.name, c.arguments) for c in held.tool_calls] == [("clock", "{}")]
         assert held.stats.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("takes", [False, True])
+def test_a_parameters_schema_no_grammar_can_follow_is_refused_naming_tools(tokenizer, tools_tokenizer, takes):
+    from chatrt.turn import turn_inputs
+
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}
+    template = ChatTemplate(tools_tokenizer if takes else tokenizer)
+    with pytest.raises(ToolError) as e:
+        turn_inputs(Config(), template, {"tools": [bad], "tool_choice": "required"}, len(tokenizer))
+    assert e.value.param == "tools" and "parameters" in str(e.value)

@@ -59,7 +59,7 @@ def _compiled(schema_text: str) -> str:
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=_COMPACT)
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)  # warnings are no failure
     if failed:
-        raise SchemaError(f"response_format: the JSON schema cannot be used: {messages[0]}")
+        raise ValueError(messages[0])
     return grammar
 
 
@@ -77,16 +77,17 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def compile_schema(schema: Mapping[str, Any]) -> str:
-    """The schema, closed, as an llguidance grammar; a schema it cannot compile is a ConfigError that says why."""
+def compile_schema(schema: Mapping[str, Any], what: str = "response_format: the JSON schema") -> str:
+    """The schema, closed, as an llguidance grammar; a schema it cannot compile is a SchemaError that says why
+    (`what`: the schema, as the message names it)."""
     try:
         text = json.dumps(closed(schema))
     except (TypeError, ValueError) as e:
-        raise SchemaError(f"response_format: the JSON schema is not JSON: {e}") from None
+        raise SchemaError(f"{what} is not JSON: {e}") from None
     try:
         return _compiled(text)
     except ValueError as e:
-        raise SchemaError(f"response_format: the JSON schema cannot be used: {e}") from None
+        raise SchemaError(f"{what} cannot be used: {e}") from None
 
 
 @dataclass(frozen=True)
