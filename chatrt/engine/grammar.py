@@ -177,8 +177,11 @@ class Triggered:
     WINDOW = 16  # tokens: more than any trigger's
 
     def __init__(self, lazy: Lazy, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: Iterable[int]):
-        self.lazy, self.tokenizer = lazy, tokenizer
+        self.lazy = lazy
         self._args = (tokenizer, vocab_size, tuple(stop_ids))
+        # llguidance's own table decodes and tokenizes here: the transformers tokenizer is shared with threads
+        # that switch its split_special_tokens flag (see chatrt.template), and this runs on the engine thread
+        self.table = _tokenizer(tokenizer, vocab_size, tuple(sorted(self._args[2])))
         self.tail: list[int] = []
         self.held: Constraint | None = None if lazy.trigger else Constraint(lazy.grammar, *self._args)
         self.free = False
@@ -194,12 +197,12 @@ class Triggered:
         if self.free:
             return
         self.tail = [*self.tail, token][-self.WINDOW :]
-        text = self.tokenizer.decode(self.tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = self.table.decode_str(self.tail)
         start = text.find(self.lazy.trigger)
         if start < 0:
             return
         held = Constraint(self.lazy.grammar, *self._args)
-        ids = self.tokenizer(text[start:], add_special_tokens=False).input_ids
+        ids = self.table.greedy_tokenize(text[start:])
         if all(held.matcher.consume_token(t) for t in ids) and not held.matcher.is_error():
             self.held = held
         else:
