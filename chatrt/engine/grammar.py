@@ -56,8 +56,12 @@ def schema_of(response_format: Any) -> dict[str, Any] | None:
 
 @functools.lru_cache(maxsize=256)
 def _compiled(schema_text: str) -> str:
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=_COMPACT)
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)  # warnings are no failure
+    return _valid(llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=_COMPACT))
+
+
+def _valid(grammar: str) -> str:
+    """The grammar, when llguidance can use it; else ValueError with its first error (warnings are no failure)."""
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         raise ValueError(messages[0])
     return grammar
@@ -113,19 +117,15 @@ def compile_calls(trigger: str, end: str, schema: Mapping[str, Any], *, many: bo
         f"body: %json {body}",
         'NL: "\\n"',
     ])  # fmt: skip
-    return Lazy(trigger, _compiled_lark(lark))
+    try:
+        return Lazy(trigger, _compiled_lark(lark))
+    except ValueError as e:
+        raise SchemaError(f"tools: a function's parameters schema cannot be used: {e}") from None
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_lark(lark: str) -> str:
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    except ValueError as e:
-        raise SchemaError(f"tools: a function's parameters schema cannot be used: {e}") from None
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:
-        raise SchemaError(f"tools: a function's parameters schema cannot be used: {messages[0]}")
-    return grammar
+    return _valid(llguidance.LLMatcher.grammar_from_lark(lark))
 
 
 @functools.lru_cache(maxsize=8)
@@ -178,10 +178,10 @@ class Triggered:
 
     def __init__(self, lazy: Lazy, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: Iterable[int]):
         self.lazy = lazy
-        self._args = (tokenizer, vocab_size, tuple(stop_ids))
+        self._args = (tokenizer, vocab_size, tuple(sorted(stop_ids)))
         # llguidance's own table decodes and tokenizes here: the transformers tokenizer is shared with threads
         # that switch its split_special_tokens flag (see chatrt.template), and this runs on the engine thread
-        self.table = _tokenizer(tokenizer, vocab_size, tuple(sorted(self._args[2])))
+        self.table = _tokenizer(*self._args)
         self.tail: list[int] = []
         self.held: Constraint | None = None if lazy.trigger else Constraint(lazy.grammar, *self._args)
         self.free = False

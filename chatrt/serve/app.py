@@ -348,15 +348,15 @@ class Server:
         cid, created, session_id = wire.completion_id(), wire.now(), answers[0][0].id
         tooled = [turn.sync.tools for turn in turns]
         holds = [Holdback() if tools is not None and tools.free else None for tools in tooled]
+        forced = [tools is not None and tools.forced is not None for tools in tooled]  # text held back all along
         held: list[list[TokenLogprob]] = [[] for _ in turns]  # logprobs of text not shown yet, per choice
 
         def shown(k: int, piece: str) -> str:
             """What of the piece the client sees now."""
             if isinstance(piece, Piece) and piece.logprobs is not None:
                 held[k] += piece.logprobs
-            tools, hold = tooled[k], holds[k]
-            forced = tools is not None and tools.forced is not None
-            return "" if forced else hold.feed(piece) if hold is not None else piece
+            hold = holds[k]
+            return "" if forced[k] else hold.feed(piece) if hold is not None else piece
 
         def chunk(k: int, delta: wire.Delta, finish: str | None = None, use: wire.Usage | None = None) -> (
             dict[str, str]
@@ -373,8 +373,7 @@ class Server:
         async def finish(k: int) -> tuple[Reply, list[dict[str, str]]]:
             reply = await turns[k].result()  # finished: the recorded reply and its stats
             hold, out = holds[k], []
-            forced = tooled[k] is not None and tooled[k].forced is not None  # type: ignore[union-attr]
-            rest = hold.rest(reply.text) if hold is not None else reply.text if forced else ""
+            rest = hold.rest(reply.text) if hold is not None else reply.text if forced[k] else ""
             if rest:  # what was held back and is text after all
                 out.append(chunk(k, wire.Delta(content=rest)))
             if calls := wire.tool_calls(reply.tool_calls):
